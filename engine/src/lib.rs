@@ -1,0 +1,22 @@
+//! `segue-engine`: MusicGen inference on candle, with no plugin types.
+//!
+//! Modules by concept (see the README's architecture section):
+//! - [`codec`]: EnCodec 32 kHz (SEANet encoder/decoder + residual vector quantiser).
+//! - [`text`]: T5 text encoder and tokenizer.
+//! - [`decoder`]: the MusicGen transformer decoder over EnCodec tokens.
+//! - [`pattern`]: the codebook delay pattern (pure functions).
+//! - [`sampling`]: guidance mix, temperature, top-k / top-p, greedy.
+//! - [`generate`]: the generation loop.
+//! - [`hub`]: model download / cache / local folders.
+//! - [`service`]: the long-lived inference thread and its channels.
+//! - [`audio`]: WAV reading/writing and resampling helpers shared by the CLI and the plugin.
+
+pub mod audio;
+pub mod codec;
+pub mod decoder;
+pub mod generate;
+pub mod hub;
+pub mod pattern;
+pub mod sampling;
+pub mod service;
+pub mod text;

@@ -1,0 +1,2 @@
+//! The `segue` command-line program.
+fn main() {}

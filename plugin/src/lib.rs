@@ -1,0 +1,1 @@
+//! Segue plugin (in progress).

@@ -1,0 +1,1 @@
+//! Host-level test harness (in progress).
