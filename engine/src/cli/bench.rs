@@ -1,8 +1,32 @@
-//! `segue bench` (in progress).
+//! `segue bench`: performance figures on random-weight checkpoints of the real topologies,
+//! no download needed. The codec and decoder sections live in their own modules.
+
+use super::{bench_codec, bench_decoder};
 
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Which part to benchmark.
+    #[arg(long, value_enum, default_value = "all")]
+    pub only: BenchPart,
+    #[command(flatten)]
+    pub codec: bench_codec::CodecBenchArgs,
+    #[command(flatten)]
+    pub decoder: bench_decoder::DecoderBenchArgs,
+}
 
-pub fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench: not implemented yet")
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPart {
+    All,
+    Codec,
+    Decoder,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if matches!(args.only, BenchPart::All | BenchPart::Codec) {
+        bench_codec::run(&args.codec)?;
+    }
+    if matches!(args.only, BenchPart::All | BenchPart::Decoder) {
+        bench_decoder::run(&args.decoder)?;
+    }
+    Ok(())
 }

@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_codec;
+mod bench_decoder;
 mod codec;
 mod generate;
 
