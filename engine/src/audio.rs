@@ -1,1 +1,488 @@
-//! (in progress)
+//! WAV reading/writing, resampling and channel conversion, shared by the CLI and the plugin.
+//!
+//! Everything here allocates and may take milliseconds to seconds: call it off the audio thread.
+//! Audio is planar ([`Audio::channels`]`[c][i]` is sample `i` of channel `c`), `f32`, nominally in
+//! [-1, 1].
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use rubato::{FftFixedInOut, Resampler};
+
+/// Errors from reading, writing or converting audio. Each names the file (where there is one) and
+/// says what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum AudioError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a WAV file we can read: {reason}")]
+    NotWav { path: PathBuf, reason: String },
+    #[error("{path}: unsupported WAV format: {what}")]
+    Unsupported { path: PathBuf, what: String },
+    #[error("{path} contains no audio (zero-length)")]
+    Empty { path: PathBuf },
+    #[error("{path}: {count} of {total} samples are not finite (NaN or infinity)")]
+    NonFinite {
+        path: PathBuf,
+        count: usize,
+        total: usize,
+    },
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error("invalid audio: {0}")]
+    Invalid(String),
+    #[error("resampling from {from} Hz to {to} Hz failed: {reason}")]
+    Resample { from: u32, to: u32, reason: String },
+}
+
+/// Planar audio owned by the caller. `channels[c][i]` is sample `i` of channel `c`, nominally in
+/// [-1, 1]; every channel has the same length.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Audio {
+    /// Samples per second per channel (Hz).
+    pub sample_rate: u32,
+    /// One `Vec` per channel, all of the same length (frames).
+    pub channels: Vec<Vec<f32>>,
+}
+
+impl Audio {
+    /// Number of frames (samples per channel); 0 when there are no channels.
+    pub fn frames(&self) -> usize {
+        self.channels.first().map_or(0, Vec::len)
+    }
+
+    /// Duration in seconds.
+    pub fn duration_s(&self) -> f64 {
+        if self.sample_rate == 0 {
+            0.0
+        } else {
+            self.frames() as f64 / self.sample_rate as f64
+        }
+    }
+
+    /// Converts to `n` channels: `n == 1` averages all channels (mixdown); a mono source is
+    /// duplicated; otherwise output channel `j` averages the source channels `c` with
+    /// `c % n == j` when narrowing, and copies source channel `j % source_channels` when widening.
+    /// `n == 0` gives no channels.
+    pub fn to_channels(&self, n: usize) -> Audio {
+        let src = self.channels.len();
+        let frames = self.frames();
+        let channels = if n == src {
+            self.channels.clone()
+        } else if src == 0 {
+            vec![Vec::new(); n]
+        } else if n < src {
+            (0..n)
+                .map(|j| {
+                    let group: Vec<&Vec<f32>> = self.channels.iter().skip(j).step_by(n).collect();
+                    let scale = 1.0 / group.len() as f32;
+                    (0..frames)
+                        .map(|i| group.iter().map(|c| c[i]).sum::<f32>() * scale)
+                        .collect()
+                })
+                .collect()
+        } else {
+            (0..n).map(|j| self.channels[j % src].clone()).collect()
+        };
+        Audio {
+            sample_rate: self.sample_rate,
+            channels,
+        }
+    }
+
+    /// Checks the invariants: a positive rate, at least one channel, equal channel lengths.
+    pub fn validate(&self) -> Result<(), AudioError> {
+        if self.sample_rate == 0 {
+            return Err(AudioError::Invalid("sample rate is 0 Hz".into()));
+        }
+        if self.channels.is_empty() {
+            return Err(AudioError::Invalid("no channels".into()));
+        }
+        let frames = self.frames();
+        if let Some((c, ch)) = self
+            .channels
+            .iter()
+            .enumerate()
+            .find(|(_, ch)| ch.len() != frames)
+        {
+            return Err(AudioError::Invalid(format!(
+                "channel {c} has {} frames but channel 0 has {frames}",
+                ch.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Number of samples that are NaN or infinite, over all channels.
+    pub fn non_finite_count(&self) -> usize {
+        self.channels
+            .iter()
+            .flatten()
+            .filter(|s| !s.is_finite())
+            .count()
+    }
+}
+
+fn hound_err(path: &Path, err: hound::Error) -> AudioError {
+    match err {
+        hound::Error::IoError(source) if source.kind() == std::io::ErrorKind::NotFound => {
+            AudioError::Open {
+                path: path.to_owned(),
+                source,
+            }
+        }
+        hound::Error::IoError(source) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+            AudioError::NotWav {
+                path: path.to_owned(),
+                reason: "the file ends early (truncated header or data)".into(),
+            }
+        }
+        hound::Error::IoError(source) => AudioError::Open {
+            path: path.to_owned(),
+            source,
+        },
+        hound::Error::FormatError(reason) => AudioError::NotWav {
+            path: path.to_owned(),
+            reason: reason.to_string(),
+        },
+        hound::Error::Unsupported => AudioError::Unsupported {
+            path: path.to_owned(),
+            what: "this WAV encoding is not supported (use integer or 32-bit float PCM)".into(),
+        },
+        other => AudioError::NotWav {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Reads a WAV file: integer PCM of 8 to 32 bits or 32-bit float, any channel count, any rate.
+/// Integer samples are scaled to [-1, 1). Rejects empty files and audio with any non-finite
+/// sample (NaN/infinity would poison every model downstream). Errors name the file.
+pub fn read_wav(path: &Path) -> Result<Audio, AudioError> {
+    let mut reader = hound::WavReader::open(path).map_err(|e| hound_err(path, e))?;
+    let spec = reader.spec();
+    let n_ch = spec.channels as usize;
+    if n_ch == 0 {
+        return Err(AudioError::Unsupported {
+            path: path.to_owned(),
+            what: "the header declares 0 channels".into(),
+        });
+    }
+    if spec.sample_rate == 0 {
+        return Err(AudioError::Unsupported {
+            path: path.to_owned(),
+            what: "the header declares a sample rate of 0 Hz".into(),
+        });
+    }
+    let interleaved: Vec<f32> = match spec.sample_format {
+        hound::SampleFormat::Float => {
+            if spec.bits_per_sample != 32 {
+                return Err(AudioError::Unsupported {
+                    path: path.to_owned(),
+                    what: format!(
+                        "{}-bit float samples (only 32-bit float is supported)",
+                        spec.bits_per_sample
+                    ),
+                });
+            }
+            reader
+                .samples::<f32>()
+                .collect::<Result<_, _>>()
+                .map_err(|e| hound_err(path, e))?
+        }
+        hound::SampleFormat::Int => {
+            if !(1..=32).contains(&spec.bits_per_sample) {
+                return Err(AudioError::Unsupported {
+                    path: path.to_owned(),
+                    what: format!("{}-bit integer samples", spec.bits_per_sample),
+                });
+            }
+            let scale = 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f64;
+            reader
+                .samples::<i32>()
+                .map(|s| s.map(|v| (v as f64 * scale) as f32))
+                .collect::<Result<_, _>>()
+                .map_err(|e| hound_err(path, e))?
+        }
+    };
+    let frames = interleaved.len() / n_ch;
+    if frames == 0 {
+        return Err(AudioError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    let mut channels = vec![Vec::with_capacity(frames); n_ch];
+    for frame in interleaved.chunks_exact(n_ch) {
+        for (ch, &s) in channels.iter_mut().zip(frame) {
+            ch.push(s);
+        }
+    }
+    let audio = Audio {
+        sample_rate: spec.sample_rate,
+        channels,
+    };
+    let bad = audio.non_finite_count();
+    if bad > 0 {
+        return Err(AudioError::NonFinite {
+            path: path.to_owned(),
+            count: bad,
+            total: frames * n_ch,
+        });
+    }
+    Ok(audio)
+}
+
+/// A temporary path next to `path` (same folder, so the final rename is atomic).
+pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let unique = format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    path.with_file_name(unique)
+}
+
+/// Writes `audio` as a 32-bit float WAV. Writes a temporary file in the same folder, then renames
+/// it over `path`: a reader never sees a half-written file and a failure leaves `path` untouched.
+pub fn write_wav_f32(path: &Path, audio: &Audio) -> Result<(), AudioError> {
+    audio.validate()?;
+    if audio.channels.len() > u16::MAX as usize {
+        return Err(AudioError::Invalid(format!(
+            "{} channels do not fit in a WAV header",
+            audio.channels.len()
+        )));
+    }
+    let werr = |reason: String| AudioError::Write {
+        path: path.to_owned(),
+        reason,
+    };
+    let spec = hound::WavSpec {
+        channels: audio.channels.len() as u16,
+        sample_rate: audio.sample_rate,
+        bits_per_sample: 32,
+        sample_format: hound::SampleFormat::Float,
+    };
+    let tmp = temp_path_for(path);
+    let result = (|| -> Result<(), AudioError> {
+        let file = File::create(&tmp).map_err(|e| werr(e.to_string()))?;
+        let mut writer =
+            hound::WavWriter::new(BufWriter::new(file), spec).map_err(|e| werr(e.to_string()))?;
+        for i in 0..audio.frames() {
+            for ch in &audio.channels {
+                writer
+                    .write_sample(ch[i])
+                    .map_err(|e| werr(e.to_string()))?;
+            }
+        }
+        writer.finalize().map_err(|e| werr(e.to_string()))?;
+        // Flush to disk before the rename makes the file visible under its final name.
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| werr(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| werr(e.to_string()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Resamples to `to_rate` with rubato's synchronous FFT resampler (high quality, band-limited).
+/// The resampler's latency is removed and the tail flushed: the output has
+/// `round(frames * to_rate / from_rate)` frames and is not delayed against the input.
+/// Returns a copy when the rates already match.
+pub fn resample(audio: &Audio, to_rate: u32) -> Result<Audio, AudioError> {
+    audio.validate()?;
+    if to_rate == 0 {
+        return Err(AudioError::Invalid("target sample rate is 0 Hz".into()));
+    }
+    let from = audio.sample_rate;
+    if from == to_rate {
+        return Ok(audio.clone());
+    }
+    let rerr = |reason: String| AudioError::Resample {
+        from,
+        to: to_rate,
+        reason,
+    };
+    let frames = audio.frames();
+    let n_ch = audio.channels.len();
+    let target =
+        ((frames as u128 * to_rate as u128 + from as u128 / 2) / from as u128) as usize;
+    let mut rs = FftFixedInOut::<f32>::new(from as usize, to_rate as usize, 1024, n_ch)
+        .map_err(|e| rerr(e.to_string()))?;
+    let delay = rs.output_delay();
+    let mut out: Vec<Vec<f32>> = vec![Vec::with_capacity(target + delay + 4096); n_ch];
+    let mut out_buf = rs.output_buffer_allocate(true);
+    let mut pad_buf: Vec<Vec<f32>> = vec![Vec::new(); n_ch];
+    let mut pos = 0usize;
+    while out[0].len() < target + delay {
+        let need = rs.input_frames_next();
+        let written = if pos + need <= frames {
+            let slices: Vec<&[f32]> = audio
+                .channels
+                .iter()
+                .map(|c| &c[pos..pos + need])
+                .collect();
+            rs.process_into_buffer(&slices, &mut out_buf, None)
+                .map_err(|e| rerr(e.to_string()))?
+                .1
+        } else {
+            // Last partial chunk, then zeros to flush the resampler's delay line.
+            let start = pos.min(frames);
+            for (pad, ch) in pad_buf.iter_mut().zip(&audio.channels) {
+                pad.clear();
+                pad.extend_from_slice(&ch[start..]);
+                pad.resize(need, 0.0);
+            }
+            rs.process_into_buffer(&pad_buf, &mut out_buf, None)
+                .map_err(|e| rerr(e.to_string()))?
+                .1
+        };
+        pos += need;
+        for (o, b) in out.iter_mut().zip(&out_buf) {
+            o.extend_from_slice(&b[..written]);
+        }
+    }
+    for o in &mut out {
+        o.drain(..delay);
+        o.truncate(target);
+    }
+    Ok(Audio {
+        sample_rate: to_rate,
+        channels: out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sine(rate: u32, freq: f32, frames: usize) -> Vec<f32> {
+        (0..frames)
+            .map(|i| (2.0 * std::f32::consts::PI * freq * i as f32 / rate as f32).sin() * 0.5)
+            .collect()
+    }
+
+    #[test]
+    fn to_channels_mixdown_and_duplicate() {
+        let a = Audio {
+            sample_rate: 8000,
+            channels: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+        };
+        assert_eq!(a.to_channels(1).channels, vec![vec![0.5, 0.5]]);
+        let m = Audio {
+            sample_rate: 8000,
+            channels: vec![vec![0.25, -0.5]],
+        };
+        assert_eq!(m.to_channels(2).channels, vec![vec![0.25, -0.5]; 2]);
+        let quad = Audio {
+            sample_rate: 8000,
+            channels: vec![vec![1.0], vec![2.0], vec![3.0], vec![4.0]],
+        };
+        assert_eq!(quad.to_channels(2).channels, vec![vec![2.0], vec![3.0]]);
+    }
+
+    #[test]
+    fn resample_length_and_no_delay() {
+        for (from, to, frames) in [
+            (44_100u32, 32_000u32, 44_100usize),
+            (48_000, 32_000, 12_345),
+            (16_000, 32_000, 999),
+            (22_050, 32_000, 7),
+        ] {
+            let input = Audio {
+                sample_rate: from,
+                channels: vec![sine(from, 440.0, frames), sine(from, 220.0, frames)],
+            };
+            let out = resample(&input, to).unwrap();
+            let expected = (frames as f64 * to as f64 / from as f64).round() as usize;
+            assert_eq!(out.frames(), expected, "{from}->{to} {frames}");
+            assert_eq!(out.channels.len(), 2);
+            assert_eq!(out.sample_rate, to);
+            if frames > 10_000 {
+                // Away from the edges, the output matches the ideal sine at the new rate: the
+                // resampler's latency was removed.
+                let ideal = sine(to, 440.0, expected);
+                let mid = expected / 4..expected * 3 / 4;
+                let err = mid
+                    .map(|i| (out.channels[0][i] - ideal[i]).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(err < 1e-3, "{from}->{to}: max error {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn wav_round_trip_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.wav");
+        let audio = Audio {
+            sample_rate: 32_000,
+            channels: vec![vec![0.1, -0.2, 0.3], vec![0.0, 0.5, -1.0]],
+        };
+        write_wav_f32(&path, &audio).unwrap();
+        assert_eq!(read_wav(&path).unwrap(), audio);
+        // No temporary files left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        // 16-bit integer PCM, 3 channels.
+        let p16 = dir.path().join("b.wav");
+        let spec = hound::WavSpec {
+            channels: 3,
+            sample_rate: 11_025,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let mut w = hound::WavWriter::create(&p16, spec).unwrap();
+        for s in [16384i16, -32768, 0, 8192, 0, 32767] {
+            w.write_sample(s).unwrap();
+        }
+        w.finalize().unwrap();
+        let b = read_wav(&p16).unwrap();
+        assert_eq!(b.sample_rate, 11_025);
+        assert_eq!(b.channels.len(), 3);
+        assert_eq!(b.channels[0], vec![0.5, 0.25]);
+        assert_eq!(b.channels[1], vec![-1.0, 0.0]);
+
+        let missing = dir.path().join("missing.wav");
+        let e = read_wav(&missing).unwrap_err().to_string();
+        assert!(e.contains("missing.wav"), "{e}");
+
+        let text = dir.path().join("text.wav");
+        std::fs::write(&text, "hello, not a wav").unwrap();
+        let e = read_wav(&text).unwrap_err();
+        assert!(matches!(e, AudioError::NotWav { .. }), "{e}");
+        assert!(e.to_string().contains("text.wav"));
+
+        let empty = dir.path().join("empty.wav");
+        hound::WavWriter::create(&empty, spec)
+            .unwrap()
+            .finalize()
+            .unwrap();
+        assert!(matches!(
+            read_wav(&empty).unwrap_err(),
+            AudioError::Empty { .. }
+        ));
+
+        let nan = dir.path().join("nan.wav");
+        let nan_audio = Audio {
+            sample_rate: 8000,
+            channels: vec![vec![f32::NAN; 4]],
+        };
+        write_wav_f32(&nan, &nan_audio).unwrap();
+        let e = read_wav(&nan).unwrap_err();
+        assert!(matches!(e, AudioError::NonFinite { count: 4, .. }), "{e}");
+    }
+}
