@@ -103,28 +103,46 @@ impl Plugin for Segue {
         // Note events are drained so the queue never backs up; capture/playback will use them.
         while context.next_event().is_some() {}
 
+        // With sample-accurate automation the wrapper splits blocks at parameter changes, so a
+        // per-block read of `monitor` is exact.
         let monitor = self.params.monitor.value();
         let sidechain = aux
             .inputs
-            .get_mut(Self::SIDECHAIN_PORT)
+            .get(Self::SIDECHAIN_PORT)
             .map(|b| b.as_slice_immutable());
+        let gain = &self.params.gain.smoothed;
 
+        for (channel, out) in buffer.as_slice().iter_mut().enumerate() {
+            // `out` already holds the main input: the wrapper copies it in (in-place processing).
+            if !monitor {
+                out.fill(0.0);
+                continue;
+            }
+            if let Some(side) = sidechain.as_ref().and_then(|s| s.get(channel)) {
+                for (o, s) in out.iter_mut().zip(side.iter()) {
+                    *o += *s;
+                }
+            }
+        }
+
+        // The gain is smoothed per sample while it moves and is a constant otherwise; either way
+        // every output sample is flushed, since a subnormal input copied through untouched would
+        // survive the CPU's flush-to-zero mode.
         let outputs = buffer.as_slice();
         let frames = outputs.first().map_or(0, |c| c.len());
-        for frame in 0..frames {
-            let gain = params::db_to_gain(self.params.gain.smoothed.next());
-            for (channel, out) in outputs.iter_mut().enumerate() {
-                // `out` already holds the main input (the wrapper copies it in).
-                let input = if monitor {
-                    let side = sidechain
-                        .as_ref()
-                        .and_then(|s| s.get(channel))
-                        .map_or(0.0, |c| c[frame]);
-                    out[frame] + side
-                } else {
-                    0.0
-                };
-                out[frame] = dsp::flush_denormal(input * gain);
+        if gain.is_smoothing() {
+            for frame in 0..frames {
+                let g = params::db_to_gain(gain.next());
+                for out in outputs.iter_mut() {
+                    out[frame] = dsp::flush_denormal(out[frame] * g);
+                }
+            }
+        } else {
+            let g = params::db_to_gain(gain.next());
+            for out in outputs.iter_mut() {
+                for sample in out.iter_mut() {
+                    *sample = dsp::flush_denormal(*sample * g);
+                }
             }
         }
 

@@ -148,7 +148,11 @@ mod tests {
     #[test]
     fn ids_never_change() {
         let params = SegueParams::default();
-        let ids: Vec<String> = params.param_map().into_iter().map(|(id, _, _)| id).collect();
+        let ids: Vec<String> = params
+            .param_map()
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
         assert_eq!(ids, vec!["gain".to_string(), "monitor".to_string()]);
         let fields = params.serialize_fields();
         assert!(fields.contains_key("state-version"), "{fields:?}");

@@ -98,7 +98,12 @@ pub fn bar_line_before(pos_beats: f64, beats_per_bar: f64, origin_beats: f64) ->
 
 /// Index of the bar that starts at `bar_line_beats`, counted from the bar at the origin, whose
 /// index is `origin_bar` (the host's `bar_number`, else `floor(origin / beats_per_bar)`).
-pub fn bar_index(bar_line_beats: f64, beats_per_bar: f64, origin_beats: f64, origin_bar: i64) -> i64 {
+pub fn bar_index(
+    bar_line_beats: f64,
+    beats_per_bar: f64,
+    origin_beats: f64,
+    origin_bar: i64,
+) -> i64 {
     origin_bar + ((bar_line_beats - origin_beats) / beats_per_bar).round() as i64
 }
 
@@ -271,10 +276,7 @@ impl TransportSnapshot {
         let time_sig = self.time_sig.unwrap_or(TimeSig::COMMON);
         let bpb = time_sig.beats_per_bar();
         let (origin_beats, origin_bar) = match self.bar_start_beats {
-            Some(b) => (
-                b,
-                self.bar_number.unwrap_or((b / bpb).round() as i64),
-            ),
+            Some(b) => (b, self.bar_number.unwrap_or((b / bpb).round() as i64)),
             None => (0.0, 0),
         };
         Some(Grid {
@@ -408,7 +410,9 @@ mod tests {
                     // Fractionally inside the bar.
                     for &f in &[0.001, 0.37, 0.999] {
                         let pos = line + f * bpb;
-                        assert!((bar_line_at_or_after(pos, bpb, origin) - (line + bpb)).abs() < 1e-9);
+                        assert!(
+                            (bar_line_at_or_after(pos, bpb, origin) - (line + bpb)).abs() < 1e-9
+                        );
                         assert!((bar_line_at_or_before(pos, bpb, origin) - line).abs() < 1e-9);
                         assert!((bar_line_before(pos, bpb, origin) - line).abs() < 1e-9);
                     }
@@ -540,7 +544,13 @@ mod tests {
         }
         // 120 BPM 4/4 at 48 kHz: 4 bars = 8 s = 384000 samples, exactly.
         let span = prompt_span_bars(768_000, 0.0, 4.0, TimeSig::COMMON, 24_000.0);
-        assert_eq!(span, SampleSpan { start: 384_000, end: 768_000 });
+        assert_eq!(
+            span,
+            SampleSpan {
+                start: 384_000,
+                end: 768_000
+            }
+        );
         let span = prompt_span_seconds(100_000, 1.5, 48_000.0);
         assert_eq!(span.len(), 72_000);
         assert_eq!(span.end, 100_000);

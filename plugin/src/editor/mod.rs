@@ -7,15 +7,16 @@
 //! [`ParamSetter`], never by touching audio-thread state.
 
 use crate::params::{EditorSize, SegueParams};
+use nice_plug::context::gui::GuiContext;
+use nice_plug::editor::dpi::NativeSize;
 use nice_plug::editor::dpi::{LogicalSize, Size};
-use nice_plug::editor::{HostMethods, NativeSize, SizeConstraints, SpawnedEditor};
+use nice_plug::editor::{HostMethods, SizeConstraints, SpawnedEditor};
 use nice_plug::prelude::*;
 use nice_plug_egui::widgets::ParamSlider;
 use nice_plug_egui::{
     create_egui_editor, EguiEditor, EguiEditorHandle, EguiEditorState, EguiNiceSettings, Frame,
     NiceEguiApp, RepaintNotifier,
 };
-use nice_plug::context::gui::GuiContext;
 use parking_lot::Mutex;
 use std::error::Error;
 use std::sync::Arc;
@@ -139,7 +140,7 @@ impl NiceEguiApp for SegueApp {
             return;
         };
         let setter = gui.param_setter();
-        egui::CentralPanel::default().show_inside(ui, |ui| {
+        egui::CentralPanel::default().show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.heading("Segue");
                 ui.label(format!("v{}", env!("CARGO_PKG_VERSION")));
