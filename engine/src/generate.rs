@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
+use crate::audio::{resample, Audio};
+use crate::codec::CodecError;
 use crate::decoder::DecoderError;
 use crate::model::Musicgen;
 use crate::pattern::{codebook_delays, forced_token, sequence_len, undo_delay, PatternError};
@@ -167,6 +169,8 @@ pub enum GenerateError {
     Text(#[from] TextError),
     #[error(transparent)]
     Decoder(#[from] DecoderError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     #[error("generation: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -386,6 +390,167 @@ pub fn generate_codes(
             prefill,
             steps: decode_time - prefill,
             total: started.elapsed(),
+        },
+    })
+}
+
+/// A generation request at the audio level: what the CLI and the service ask for.
+#[derive(Debug, Clone)]
+pub struct AudioRequest {
+    /// The description; empty or blank = unconditional.
+    pub text: String,
+    /// Audio to continue (any sample rate and channel count; converted to the model's). The
+    /// continuation follows its last sample.
+    pub prompt: Option<Audio>,
+    /// New frames to generate (50 per second).
+    pub new_frames: usize,
+    pub sampling: SamplingParams,
+    /// Take `i` uses seed `seed + i`.
+    pub seed: u64,
+    /// Takes generated together in one batch, at least 1.
+    pub takes: usize,
+}
+
+/// One finished take.
+#[derive(Debug, Clone)]
+pub struct Take {
+    pub seed: u64,
+    /// Undelayed codes `(codebooks, prompt_frames + new_frames)`, prompt first (stereo:
+    /// interleaved left/right).
+    pub codes: Vec<Vec<u32>>,
+    /// The decode of all the codes, prompt included, at the model's sample rate and channels.
+    pub audio: Audio,
+    /// Samples of `audio` that belong to the prompt (`prompt_frames * hop`).
+    pub prompt_samples: usize,
+}
+
+impl Take {
+    /// Only the new audio (after the prompt).
+    pub fn continuation(&self) -> Audio {
+        Audio {
+            sample_rate: self.audio.sample_rate,
+            channels: self
+                .audio
+                .channels
+                .iter()
+                .map(|c| c[self.prompt_samples.min(c.len())..].to_vec())
+                .collect(),
+        }
+    }
+}
+
+/// Wall-clock times of a generation with the codec.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AudioTimings {
+    /// Encoding the prompt audio.
+    pub encode: Duration,
+    pub generate: Timings,
+    /// Decoding every take.
+    pub decode: Duration,
+}
+
+/// The takes of one [`AudioRequest`].
+#[derive(Debug, Clone)]
+pub struct AudioOutput {
+    pub takes: Vec<Take>,
+    pub prompt_frames: usize,
+    pub new_frames: usize,
+    /// The text was cut to the tokenizer's limit.
+    pub text_truncated: bool,
+    /// Decoder steps run.
+    pub steps: usize,
+    pub timings: AudioTimings,
+}
+
+/// Frames the codec makes of `samples` samples at the model's rate (`ceil(samples / hop)`).
+pub fn frames_for_samples(model: &Musicgen, samples: usize) -> usize {
+    samples.div_ceil(model.hop_length())
+}
+
+/// Text and/or audio prompt to audio: encodes the prompt, runs [`generate_codes`] for all takes
+/// in one batch, and decodes every take, prompt and continuation together (EnCodec is not
+/// causal: decoding the continuation alone would give its start no left context).
+pub fn generate_audio(
+    model: &Musicgen,
+    req: &AudioRequest,
+    on_step: &mut dyn FnMut(&StepInfo) -> Control,
+) -> Result<AudioOutput, GenerateError> {
+    if req.takes == 0 {
+        return Err(GenerateError::Request("at least one take is needed".into()));
+    }
+    req.sampling.validate()?;
+    let channels = model.channels();
+    let rate = model.sample_rate();
+    let t0 = Instant::now();
+    let prompt_codes = match &req.prompt {
+        None => Vec::new(),
+        Some(audio) => {
+            audio
+                .validate()
+                .map_err(|e| GenerateError::Request(format!("prompt audio: {e}")))?;
+            let audio = resample(&audio.to_channels(channels), rate)
+                .map_err(|e| GenerateError::Request(format!("prompt audio: {e}")))?;
+            let frames = frames_for_samples(model, audio.frames());
+            let max = model.max_frames();
+            if frames + req.new_frames.max(1) > max {
+                return Err(GenerateError::TooLong {
+                    prompt: frames,
+                    new: req.new_frames,
+                    max,
+                });
+            }
+            let flat: Vec<f32> = audio.channels.concat();
+            let t = Tensor::from_vec(flat, (1, channels, audio.frames()), model.codec().device())?;
+            let codes = model.codec().encode_interleaved(&t, channels)?; // (1, K, frames)
+            let codes: Vec<Vec<u32>> = codes.squeeze(0)?.to_vec2()?;
+            vec![codes; req.takes]
+        }
+    };
+    let encode = t0.elapsed();
+    let seeds: Vec<u64> = (0..req.takes as u64)
+        .map(|i| req.seed.wrapping_add(i))
+        .collect();
+    let out = generate_codes(
+        model,
+        &CodesRequest {
+            condition: Condition::takes_of(&req.text, req.takes),
+            prompt: prompt_codes,
+            new_frames: req.new_frames,
+            sampling: req.sampling.clone(),
+            seeds,
+        },
+        on_step,
+    )?;
+    let t1 = Instant::now();
+    let codes = out.to_tensor(model.codec().device())?;
+    let audio = model.codec().decode_interleaved(&codes, channels)?; // (takes, C, samples)
+    let audio: Vec<Vec<Vec<f32>>> = audio.to_dtype(candle_core::DType::F32)?.to_vec3()?;
+    let prompt_samples = out.prompt_frames * model.hop_length();
+    let takes = out
+        .codes
+        .iter()
+        .zip(audio)
+        .zip(&out.seeds)
+        .map(|((codes, channels), &seed)| Take {
+            seed,
+            codes: codes.clone(),
+            audio: Audio {
+                sample_rate: rate,
+                channels,
+            },
+            prompt_samples,
+        })
+        .collect();
+    Ok(AudioOutput {
+        takes,
+        prompt_frames: out.prompt_frames,
+        new_frames: out.new_frames,
+        text_truncated: out.text_truncated.iter().any(|&t| t),
+        steps: out.steps,
+        timings: AudioTimings {
+            encode,
+            generate: out.timings,
+            decode: t1.elapsed(),
         },
     })
 }

@@ -1,4 +1,4 @@
-//! A loaded MusicGen checkpoint: typed config, text encoder and decoder.
+//! A loaded MusicGen checkpoint: typed config, text encoder, decoder and codec.
 //!
 //! Mirrors the layout of `MusicgenForConditionalGeneration`'s `config.json` (sections
 //! `text_encoder`, `audio_encoder`, `decoder`) and its weights (prefixes `text_encoder.`,
@@ -7,9 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 
+use crate::codec::{CheckpointCodec, CodecError, Encodec};
 use crate::decoder::{Decoder, DecoderConfig, DecoderError};
+use crate::hub::{HubError, ModelFiles};
 use crate::text::{TextEncoder, TextEncoderConfig, TextError, TextTokenizer};
 
 /// The parts of `config.json` the generation uses (unknown fields are ignored).
@@ -36,43 +37,18 @@ pub struct GenerationConfig {
 /// Errors while loading a checkpoint; each names the file or tensor involved.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    #[error(transparent)]
+    Hub(#[from] HubError),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
-    #[error("{path}: weights: {source}")]
-    Weights {
-        path: PathBuf,
-        source: candle_core::Error,
-    },
     #[error(transparent)]
     Decoder(#[from] DecoderError),
     #[error(transparent)]
     Text(#[from] TextError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     #[error("{0}")]
     Invalid(String),
-}
-
-/// The paths of one checkpoint on local disk.
-#[derive(Debug, Clone)]
-pub struct CheckpointPaths {
-    pub config: PathBuf,
-    pub generation_config: Option<PathBuf>,
-    /// One file, or every shard.
-    pub weights: Vec<PathBuf>,
-    pub tokenizer: PathBuf,
-}
-
-impl CheckpointPaths {
-    /// The files of a folder laid out as `save_pretrained` writes it, with a single
-    /// `model.safetensors` (sharded folders go through the hub module).
-    pub fn from_dir(dir: &Path) -> Self {
-        let gen = dir.join("generation_config.json");
-        Self {
-            config: dir.join("config.json"),
-            generation_config: gen.exists().then_some(gen),
-            weights: vec![dir.join("model.safetensors")],
-            tokenizer: dir.join("tokenizer.json"),
-        }
-    }
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
@@ -84,77 +60,74 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelErro
     serde_json::from_str(&text).map_err(|e| file_err(format!("invalid JSON: {e}")))
 }
 
-/// A loaded MusicGen model: immutable, shareable between generations (`Clone` is cheap).
+/// A loaded MusicGen model: immutable, shareable between generations and threads (`Clone` is
+/// cheap: the weights are reference-counted).
 #[derive(Clone)]
 pub struct Musicgen {
     config: MusicgenConfig,
     generation: GenerationConfig,
     text: TextEncoder,
     decoder: Decoder,
+    codec: Encodec,
+    codec_info: CheckpointCodec,
 }
 
 impl Musicgen {
-    /// Loads the text encoder (always f32) and the decoder (in `dtype`) from `paths`.
-    pub fn load(
-        paths: &CheckpointPaths,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let config: MusicgenConfig = read_json(&paths.config)?;
-        let generation = match &paths.generation_config {
+    /// Loads a resolved checkpoint (see [`crate::hub::resolve`]): the decoder in `dtype`, the
+    /// text encoder and the codec in f32 (T5 overflows in f16; both run once per generation).
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let json: serde_json::Value = files.read_config()?;
+        let config: MusicgenConfig =
+            serde_json::from_value(json.clone()).map_err(|e| ModelError::File {
+                path: files.config.clone(),
+                message: format!("not a MusicGen config: {e}"),
+            })?;
+        let generation = match &files.generation_config {
             Some(p) => read_json(p)?,
             None => GenerationConfig::default(),
         };
-        for w in &paths.weights {
-            if !w.exists() {
-                return Err(ModelError::File {
-                    path: w.clone(),
-                    message: "weights file not found".into(),
-                });
-            }
+        let tokenizer_path = files.tokenizer.as_ref().ok_or_else(|| ModelError::File {
+            path: files.dir.join("tokenizer.json"),
+            message: "the checkpoint has no tokenizer.json (MusicGen needs its T5 tokenizer)"
+                .into(),
+        })?;
+        let tokenizer = TextTokenizer::from_file(tokenizer_path)?;
+        let vb_f32 = files.var_builder(DType::F32, device)?;
+        let vb = files.var_builder(dtype, device)?;
+        let codec_info = CheckpointCodec::from_json(&json)?;
+        if codec_info.channels != config.decoder.audio_channels {
+            return Err(ModelError::Invalid(format!(
+                "{}: decoder has {} audio channels, codec section says {}",
+                files.config.display(),
+                config.decoder.audio_channels,
+                codec_info.channels
+            )));
         }
-        if !paths.tokenizer.exists() {
-            return Err(ModelError::File {
-                path: paths.tokenizer.clone(),
-                message: "tokenizer.json not found".into(),
-            });
+        let codec = Encodec::new(&codec_info.config, vb_f32.pp(&codec_info.prefix))?;
+        let per_channel = codec.config().num_codebooks();
+        if per_channel * config.decoder.audio_channels != config.decoder.num_codebooks {
+            return Err(ModelError::Invalid(format!(
+                "{}: the decoder models {} codebooks but the codec gives {per_channel} per channel \
+                 for {} channel(s)",
+                files.config.display(),
+                config.decoder.num_codebooks,
+                config.decoder.audio_channels
+            )));
         }
-        let weights_err = |source| ModelError::Weights {
-            path: paths.weights[0].clone(),
-            source,
-        };
-        // SAFETY: the files are memory-mapped read-only; like every safetensors loader we rely
-        // on nobody truncating them while the model is loaded.
-        let vb_f32 =
-            unsafe { VarBuilder::from_mmaped_safetensors(&paths.weights, DType::F32, device) }
-                .map_err(weights_err)?;
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&paths.weights, dtype, device) }
-            .map_err(weights_err)?;
-        let tokenizer = TextTokenizer::from_file(&paths.tokenizer)?;
-        Self::from_var_builders(config, generation, tokenizer, vb_f32, vb)
-    }
-
-    /// Builds the model from already opened weights: `vb_text` (f32) for the text encoder and
-    /// projection, `vb` (the compute dtype) for the decoder, both at the checkpoint root.
-    pub fn from_var_builders(
-        config: MusicgenConfig,
-        generation: GenerationConfig,
-        tokenizer: TextTokenizer,
-        vb_text: VarBuilder,
-        vb: VarBuilder,
-    ) -> Result<Self, ModelError> {
         let decoder = Decoder::new(&config.decoder, vb.pp("decoder"))?;
         let text = TextEncoder::new(
             &config.text_encoder,
             config.decoder.hidden_size,
             tokenizer,
-            vb_text,
+            vb_f32,
         )?;
         Ok(Self {
             config,
             generation,
             text,
             decoder,
+            codec,
+            codec_info,
         })
     }
 
@@ -170,10 +143,28 @@ impl Musicgen {
     pub fn decoder(&self) -> &Decoder {
         &self.decoder
     }
+    pub fn codec(&self) -> &Encodec {
+        &self.codec
+    }
 
-    /// Audio frames per second of the codes (EnCodec 32 kHz: 50).
+    /// Audio channels of the music (1, or 2 for the stereo checkpoints).
+    pub fn channels(&self) -> usize {
+        self.codec_info.channels
+    }
+
+    /// Sample rate of the audio in and out (32 000 Hz).
+    pub fn sample_rate(&self) -> u32 {
+        self.codec.config().sampling_rate
+    }
+
+    /// Audio samples per frame (640).
+    pub fn hop_length(&self) -> usize {
+        self.codec.config().hop_length()
+    }
+
+    /// Frames per second of the codes (50).
     pub fn frame_rate(&self) -> f64 {
-        50.0
+        self.codec.config().frame_rate()
     }
 
     /// The most frames (prompt and new together) one generation may hold: the checkpoint's

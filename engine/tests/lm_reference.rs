@@ -9,7 +9,8 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use segue_engine::generate::{
     generate_codes, CodesRequest, Condition, Control, GenerateError, StepInfo,
 };
-use segue_engine::model::{CheckpointPaths, Musicgen};
+use segue_engine::hub;
+use segue_engine::model::Musicgen;
 use segue_engine::pattern::{codebook_delays, forced_token, sequence_len, FREE};
 use segue_engine::sampling::SamplingParams;
 use segue_engine::text::TextCondition;
@@ -26,8 +27,8 @@ fn fixtures() -> PathBuf {
 
 fn load_model(name: &str, dtype: DType) -> Musicgen {
     let dir = fixtures().join(format!("tiny-musicgen-{name}"));
-    Musicgen::load(&CheckpointPaths::from_dir(&dir), dtype, &Device::Cpu)
-        .expect("fixture model loads")
+    let files = hub::resolve(dir.to_str().unwrap(), &mut |_| panic!("no download")).unwrap();
+    Musicgen::load(&files, dtype, &Device::Cpu).expect("fixture model loads")
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
@@ -506,4 +507,130 @@ fn tokenizer_matches_reference_cases() {
     assert!(got.truncated);
     assert_eq!(got.ids.len(), segue_engine::text::MAX_TEXT_TOKENS);
     assert_eq!(*got.ids.last().unwrap(), 1);
+}
+
+fn audio_of(t: &Tensor, row: usize) -> segue_engine::audio::Audio {
+    segue_engine::audio::Audio {
+        sample_rate: 32_000,
+        channels: t.i(row).unwrap().to_vec2::<f32>().unwrap(),
+    }
+}
+
+fn peak_error(got: &[Vec<f32>], want: &Tensor) -> (f32, f32) {
+    let want = want.to_vec2::<f32>().unwrap();
+    assert_eq!(got.len(), want.len(), "channels");
+    let mut err = 0f32;
+    let mut peak = 0f32;
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.len(), w.len(), "samples");
+        for (a, b) in g.iter().zip(w) {
+            err = err.max((a - b).abs());
+            peak = peak.max(b.abs());
+        }
+    }
+    (err, peak)
+}
+
+/// Audio prompt to audio, through the codec: the prompt is encoded to the reference's prompt
+/// codes, the greedy continuation equals the reference's, and the decode of prompt and
+/// continuation together equals the reference's audio.
+fn check_audio_continuation(name: &str) {
+    let model = load_model(name, DType::F32);
+    let r = reference(name);
+    let want_codes = codes3(&r["cont_codes"]);
+    for row in 0..2 {
+        let req = segue_engine::generate::AudioRequest {
+            text: PROMPTS[row].to_string(),
+            prompt: Some(audio_of(&r["cont_prompt_audio"], row)),
+            new_frames: NEW_FRAMES,
+            sampling: SamplingParams::greedy(3.0),
+            seed: 0,
+            takes: 1,
+        };
+        let out = segue_engine::generate::generate_audio(&model, &req, &mut no_callback()).unwrap();
+        assert_eq!(out.prompt_frames, 16);
+        let take = &out.takes[0];
+        assert_eq!(take.codes, want_codes[row], "{name} row {row}: codes");
+        let (err, peak) = peak_error(
+            &take.audio.channels,
+            &r["cont_decoded_audio"].i(row).unwrap(),
+        );
+        assert!(
+            peak > 1e-3 && err <= 1e-4 * peak,
+            "{name} row {row}: audio error {err} (peak {peak})"
+        );
+        let cont = take.continuation();
+        assert_eq!(cont.frames(), NEW_FRAMES * 640);
+        assert_eq!(cont.channels[0][..], take.audio.channels[0][16 * 640..]);
+    }
+}
+
+#[test]
+fn audio_continuation_matches_reference_mono() {
+    check_audio_continuation("mono");
+}
+
+#[test]
+fn audio_continuation_matches_reference_stereo() {
+    check_audio_continuation("stereo");
+}
+
+/// Text only, one take per text: the decoded audio equals the reference's.
+#[test]
+fn text_to_audio_matches_reference() {
+    for name in ["mono", "stereo"] {
+        let model = load_model(name, DType::F32);
+        let r = reference(name);
+        let req = segue_engine::generate::AudioRequest {
+            text: PROMPTS[1].to_string(),
+            prompt: None,
+            new_frames: NEW_FRAMES,
+            sampling: SamplingParams::greedy(3.0),
+            seed: 0,
+            takes: 2,
+        };
+        let out = segue_engine::generate::generate_audio(&model, &req, &mut no_callback()).unwrap();
+        assert_eq!(out.takes.len(), 2);
+        // Greedy: both takes of one text are the same, and equal the reference's second row.
+        for take in &out.takes {
+            assert_eq!(take.codes, codes3(&r["text_codes"])[1]);
+            let (err, peak) =
+                peak_error(&take.audio.channels, &r["text_decoded_audio"].i(1).unwrap());
+            assert!(
+                err <= 1e-4 * peak,
+                "{name}: audio error {err} (peak {peak})"
+            );
+            assert_eq!(take.continuation().channels, take.audio.channels);
+        }
+        assert_eq!((out.takes[0].seed, out.takes[1].seed), (0, 1));
+    }
+}
+
+/// A prompt longer than the model allows is refused before any work.
+#[test]
+fn too_long_audio_prompt_is_an_error() {
+    let model = load_model("mono", DType::F32);
+    let req = segue_engine::generate::AudioRequest {
+        text: String::new(),
+        prompt: Some(segue_engine::audio::Audio {
+            sample_rate: 32_000,
+            channels: vec![vec![0.0; 32_000 * 30]],
+        }),
+        new_frames: 1,
+        sampling: SamplingParams::default(),
+        seed: 0,
+        takes: 1,
+    };
+    let err = segue_engine::generate::generate_audio(&model, &req, &mut no_callback()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GenerateError::TooLong {
+                prompt: 1500,
+                new: 1,
+                max: 1500
+            }
+        ),
+        "{err}"
+    );
 }
