@@ -145,7 +145,9 @@ pub fn grid_line_in_block(
                 return Some(GridHit {
                     offset: offset as usize,
                     beats: line,
-                    frac: offset as f64 - x,
+                    // A line up to SAMPLE_EPSILON after the sample counts as on it: frac 0, not
+                    // a tiny negative number.
+                    frac: (offset as f64 - x).max(0.0),
                 });
             }
             return None;
