@@ -444,7 +444,7 @@ pub struct PluginInstance {
 impl PluginInstance {
     /// The host's record of the plugin's callbacks.
     pub fn host_state<R>(&mut self, read: impl FnOnce(&HostShared) -> R) -> R {
-        self.instance.access_shared_handler(|s| read(s))
+        self.instance.access_shared_handler(read)
     }
 
     /// Delivers a main-thread callback the plugin asked for, if it asked. Returns whether one was
