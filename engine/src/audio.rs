@@ -14,10 +14,11 @@ use rubato::{FftFixedInOut, Resampler};
 /// says what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum AudioError {
-    #[error("cannot open {path}: {source}")]
+    /// The file cannot be opened or read (missing, no permission, I/O failure).
+    #[error("cannot read {path}: {error}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is not a WAV file we can read: {reason}")]
     NotWav { path: PathBuf, reason: String },
@@ -127,23 +128,26 @@ impl Audio {
     }
 }
 
+/// Maps a decoding error of a file that did open: anything wrong with its content means it is
+/// not a WAV file we can read; only a genuine I/O failure stays an I/O error.
 fn hound_err(path: &Path, err: hound::Error) -> AudioError {
     match err {
-        hound::Error::IoError(source) if source.kind() == std::io::ErrorKind::NotFound => {
-            AudioError::Open {
-                path: path.to_owned(),
-                source,
-            }
-        }
-        hound::Error::IoError(source) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+        hound::Error::IoError(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::Other
+                    | std::io::ErrorKind::InvalidData
+            ) =>
+        {
             AudioError::NotWav {
                 path: path.to_owned(),
-                reason: "the file ends early (truncated header or data)".into(),
+                reason: format!("the file ends early or is malformed ({error})"),
             }
         }
-        hound::Error::IoError(source) => AudioError::Open {
+        hound::Error::IoError(error) => AudioError::Open {
             path: path.to_owned(),
-            source,
+            error,
         },
         hound::Error::FormatError(reason) => AudioError::NotWav {
             path: path.to_owned(),
@@ -164,7 +168,12 @@ fn hound_err(path: &Path, err: hound::Error) -> AudioError {
 /// Integer samples are scaled to [-1, 1). Rejects empty files and audio with any non-finite
 /// sample (NaN/infinity would poison every model downstream). Errors name the file.
 pub fn read_wav(path: &Path) -> Result<Audio, AudioError> {
-    let mut reader = hound::WavReader::open(path).map_err(|e| hound_err(path, e))?;
+    let file = File::open(path).map_err(|error| AudioError::Open {
+        path: path.to_owned(),
+        error,
+    })?;
+    let mut reader =
+        hound::WavReader::new(std::io::BufReader::new(file)).map_err(|e| hound_err(path, e))?;
     let spec = reader.spec();
     let n_ch = spec.channels as usize;
     if n_ch == 0 {
@@ -298,6 +307,14 @@ pub fn write_wav_f32(path: &Path, audio: &Audio) -> Result<(), AudioError> {
     result
 }
 
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// Resamples to `to_rate` with rubato's synchronous FFT resampler (high quality, band-limited).
 /// The resampler's latency is removed and the tail flushed: the output has
 /// `round(frames * to_rate / from_rate)` frames and is not delayed against the input.
@@ -318,10 +335,16 @@ pub fn resample(audio: &Audio, to_rate: u32) -> Result<Audio, AudioError> {
     };
     let frames = audio.frames();
     let n_ch = audio.channels.len();
-    let target =
-        ((frames as u128 * to_rate as u128 + from as u128 / 2) / from as u128) as usize;
-    let mut rs = FftFixedInOut::<f32>::new(from as usize, to_rate as usize, 1024, n_ch)
-        .map_err(|e| rerr(e.to_string()))?;
+    let target = ((frames as u128 * to_rate as u128 + from as u128 / 2) / from as u128) as usize;
+    // rubato's FFT filter is a sinc centred on sample `fft_size_in / 2` (integer division), while
+    // `output_delay()` reports `fft_size_out / 2`: the two agree only when the FFT input size is
+    // even. Choose the chunk so that it is (an odd size leaves a fractional-sample delay, e.g.
+    // 0.36 samples from 44.1 kHz).
+    let min_chunk_in = from as usize / gcd(from as usize, to_rate as usize);
+    let chunks = 1024usize.div_ceil(min_chunk_in).next_multiple_of(2);
+    let mut rs =
+        FftFixedInOut::<f32>::new(from as usize, to_rate as usize, chunks * min_chunk_in, n_ch)
+            .map_err(|e| rerr(e.to_string()))?;
     let delay = rs.output_delay();
     let mut out: Vec<Vec<f32>> = vec![Vec::with_capacity(target + delay + 4096); n_ch];
     let mut out_buf = rs.output_buffer_allocate(true);
@@ -330,11 +353,7 @@ pub fn resample(audio: &Audio, to_rate: u32) -> Result<Audio, AudioError> {
     while out[0].len() < target + delay {
         let need = rs.input_frames_next();
         let written = if pos + need <= frames {
-            let slices: Vec<&[f32]> = audio
-                .channels
-                .iter()
-                .map(|c| &c[pos..pos + need])
-                .collect();
+            let slices: Vec<&[f32]> = audio.channels.iter().map(|c| &c[pos..pos + need]).collect();
             rs.process_into_buffer(&slices, &mut out_buf, None)
                 .map_err(|e| rerr(e.to_string()))?
                 .1
@@ -401,6 +420,8 @@ mod tests {
             (48_000, 32_000, 12_345),
             (16_000, 32_000, 999),
             (22_050, 32_000, 7),
+            (22_050, 32_000, 30_000),
+            (96_000, 32_000, 50_000),
         ] {
             let input = Audio {
                 sample_rate: from,
@@ -465,6 +486,19 @@ mod tests {
         let e = read_wav(&text).unwrap_err();
         assert!(matches!(e, AudioError::NotWav { .. }), "{e}");
         assert!(e.to_string().contains("text.wav"));
+
+        // Too short to hold a header: not a WAV, and the message says so once.
+        let short = dir.path().join("short.wav");
+        std::fs::write(&short, "hi\n").unwrap();
+        let e = read_wav(&short).unwrap_err();
+        assert!(matches!(e, AudioError::NotWav { .. }), "{e}");
+        let mut truncated = std::fs::read(&path).unwrap();
+        truncated.truncate(30);
+        std::fs::write(&short, truncated).unwrap();
+        assert!(matches!(
+            read_wav(&short).unwrap_err(),
+            AudioError::NotWav { .. }
+        ));
 
         let empty = dir.path().join("empty.wav");
         hound::WavWriter::create(&empty, spec)

@@ -1,1 +1,659 @@
-//! (in progress)
+//! The MusicGen transformer decoder over EnCodec tokens ("the LM").
+//!
+//! Mirrors `MusicgenDecoder` / `MusicgenForCausalLM` in
+//! `transformers/models/musicgen/modeling_musicgen.py`: per-codebook token embeddings summed,
+//! sinusoidal positions (`[cos | sin]` halves, positions counted from 0), pre-LayerNorm layers
+//! (self-attention, cross-attention over the text condition, GELU feed-forward; no biases in
+//! any attention or feed-forward projection), a final LayerNorm and one linear head per
+//! codebook.
+//!
+//! Weights ([`Decoder`]) are immutable after loading and can be shared between threads and
+//! generations. Everything that changes while generating lives in a [`DecoderState`] built per
+//! generation by [`Decoder::new_state`]: the self-attention key/value cache, preallocated for the
+//! requested length and written in place, and the cross-attention keys/values, computed once.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Activation, LayerNorm, VarBuilder};
+
+/// Errors of the decoder: bad configuration, shapes that do not fit, and tensor errors (which
+/// name the missing or mis-shaped weight when loading).
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderError {
+    #[error("decoder config: {0}")]
+    Config(String),
+    #[error("decoder: {positions} positions requested but the cache holds {capacity}")]
+    CacheFull { positions: usize, capacity: usize },
+    #[error("decoder: {0}")]
+    Shape(String),
+    #[error("decoder: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+fn default_vocab_size() -> usize {
+    2048
+}
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+fn default_num_hidden_layers() -> usize {
+    24
+}
+fn default_ffn_dim() -> usize {
+    4096
+}
+fn default_num_attention_heads() -> usize {
+    16
+}
+fn default_hidden_size() -> usize {
+    1024
+}
+fn default_num_codebooks() -> usize {
+    4
+}
+fn default_audio_channels() -> usize {
+    1
+}
+fn default_special_token() -> u32 {
+    2048
+}
+
+/// The `decoder` section of a MusicGen `config.json` (`MusicgenDecoderConfig`), with the
+/// upstream field names and defaults. Fields that only matter for training (dropout, layerdrop,
+/// initialisation) are not read.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct DecoderConfig {
+    /// Codes per codebook (2048); the embedding tables have one more row for the BOS/pad token.
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    /// Positions of the sinusoidal table; the longest delayed sequence the decoder can see.
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "default_ffn_dim")]
+    pub ffn_dim: usize,
+    #[serde(default = "default_num_attention_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub activation_function: Activation,
+    #[serde(default = "default_hidden_size")]
+    pub hidden_size: usize,
+    /// Codebooks of all channels together (stereo: 8, interleaved left/right).
+    #[serde(default = "default_num_codebooks")]
+    pub num_codebooks: usize,
+    /// 1 (mono) or 2 (stereo, codebooks interleaved left/right).
+    #[serde(default = "default_audio_channels")]
+    pub audio_channels: usize,
+    #[serde(default)]
+    pub scale_embedding: bool,
+    #[serde(default = "default_special_token")]
+    pub pad_token_id: u32,
+    #[serde(default = "default_special_token")]
+    pub bos_token_id: u32,
+}
+
+impl Default for DecoderConfig {
+    /// The `facebook/musicgen-small` decoder.
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all fields have defaults")
+    }
+}
+
+impl DecoderConfig {
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Codebooks of one audio channel (the delay pattern's depth): 4 for every public model.
+    pub fn channel_codebooks(&self) -> usize {
+        self.num_codebooks / self.audio_channels.max(1)
+    }
+
+    /// Checks the values that the code relies on.
+    pub fn validate(&self) -> Result<(), DecoderError> {
+        let bad = |m: String| Err(DecoderError::Config(m));
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return bad(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if !matches!(self.audio_channels, 1 | 2)
+            || !self.num_codebooks.is_multiple_of(self.audio_channels)
+        {
+            return bad(format!(
+                "audio_channels must be 1 or 2 and divide num_codebooks (got {} channels, {} codebooks)",
+                self.audio_channels, self.num_codebooks
+            ));
+        }
+        if self.num_codebooks == 0 || self.vocab_size == 0 || self.num_hidden_layers == 0 {
+            return bad("num_codebooks, vocab_size and num_hidden_layers must be positive".into());
+        }
+        if self.pad_token_id as usize > self.vocab_size
+            || self.bos_token_id as usize > self.vocab_size
+        {
+            return bad(format!(
+                "pad/bos token ids ({}, {}) must index the {}-row embedding tables",
+                self.pad_token_id,
+                self.bos_token_id,
+                self.vocab_size + 1
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes read from the weights per decoder step (every layer's projections that run per
+    /// step plus the heads), for bandwidth estimates.
+    pub fn step_weight_elements(&self) -> usize {
+        let d = self.hidden_size;
+        // self-attention q, k, v, out + cross-attention q, out + two FFN matrices
+        let per_layer = 4 * d * d + 2 * d * d + 2 * d * self.ffn_dim;
+        self.num_hidden_layers * per_layer + self.num_codebooks * self.vocab_size * d
+    }
+}
+
+/// The sinusoidal position table of the reference (`MusicgenSinusoidalPositionalEmbedding`):
+/// row `p` is `[cos(p * f_0), …, cos(p * f_{h-1}), sin(p * f_0), …, sin(p * f_{h-1})]` with
+/// `h = dim / 2` and `f_i = exp(-i * ln(10000) / (h - 1))`, zero-padded when `dim` is odd.
+/// Computed in f32 like the reference. Returns `(positions, dim)`.
+pub fn sinusoidal_table(positions: usize, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let step = if half > 1 {
+        (10000f32).ln() / (half as f32 - 1.0)
+    } else {
+        0.0
+    };
+    let freqs: Vec<f32> = (0..half).map(|i| (i as f32 * -step).exp()).collect();
+    let mut out = vec![0f32; positions * dim];
+    for p in 0..positions {
+        let row = &mut out[p * dim..(p + 1) * dim];
+        for (i, &f) in freqs.iter().enumerate() {
+            let a = p as f32 * f;
+            row[i] = a.cos();
+            row[half + i] = a.sin();
+        }
+    }
+    out
+}
+
+/// A bias-free linear map `y = x · Wᵀ` with `W` stored `(out, in)` as in the checkpoint.
+///
+/// Computed as `(W · xᵀ)ᵀ`: for the few rows a decoder step has, candle's CPU matmul runs this
+/// layout about twice as fast as `x · Wᵀ` (measured; see `BENCHMARKS.md`).
+#[derive(Debug, Clone)]
+struct Proj {
+    /// (out, in), contiguous.
+    w: Tensor,
+}
+
+impl Proj {
+    fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize) -> candle_core::Result<Tensor> {
+        vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )
+    }
+
+    /// Stacks several `(out_i, in)` matrices into one `(sum out_i, in)` projection, so one
+    /// matmul reads them all.
+    fn fused(parts: &[Tensor]) -> candle_core::Result<Self> {
+        Ok(Self {
+            w: Tensor::cat(parts, 0)?.contiguous()?,
+        })
+    }
+
+    /// `x`: (rows, in) -> (rows, out), contiguous.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.w.matmul(&x.t()?)?.t()?.contiguous()
+    }
+}
+
+/// Value added to masked attention scores. Finite, so that a row whose keys are all masked (the
+/// null condition of guidance) gives uniform weights over all-zero values, i.e. exactly 0, as
+/// the reference does, instead of NaN.
+fn mask_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -1e4,
+        _ => -1e9,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    self_attn_norm: LayerNorm,
+    /// q, k, v stacked: (3 * hidden, hidden).
+    self_qkv: Proj,
+    self_out: Proj,
+    cross_norm: LayerNorm,
+    cross_q: Proj,
+    /// k, v stacked: (2 * hidden, hidden); applied once per generation to the condition.
+    cross_kv: Proj,
+    cross_out: Proj,
+    ffn_norm: LayerNorm,
+    fc1: Proj,
+    fc2: Proj,
+}
+
+fn layer_norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    // torch.nn.LayerNorm's default eps.
+    candle_nn::layer_norm(size, 1e-5, vb)
+}
+
+impl Layer {
+    fn new(cfg: &DecoderConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.hidden_size;
+        let sa = vb.pp("self_attn");
+        let ca = vb.pp("encoder_attn");
+        Ok(Self {
+            self_attn_norm: layer_norm(d, vb.pp("self_attn_layer_norm"))?,
+            self_qkv: Proj::fused(&[
+                Proj::load(&sa.pp("q_proj"), d, d)?,
+                Proj::load(&sa.pp("k_proj"), d, d)?,
+                Proj::load(&sa.pp("v_proj"), d, d)?,
+            ])?,
+            self_out: Proj {
+                w: Proj::load(&sa.pp("out_proj"), d, d)?,
+            },
+            cross_norm: layer_norm(d, vb.pp("encoder_attn_layer_norm"))?,
+            cross_q: Proj {
+                w: Proj::load(&ca.pp("q_proj"), d, d)?,
+            },
+            cross_kv: Proj::fused(&[
+                Proj::load(&ca.pp("k_proj"), d, d)?,
+                Proj::load(&ca.pp("v_proj"), d, d)?,
+            ])?,
+            cross_out: Proj {
+                w: Proj::load(&ca.pp("out_proj"), d, d)?,
+            },
+            ffn_norm: layer_norm(d, vb.pp("final_layer_norm"))?,
+            fc1: Proj {
+                w: Proj::load(&vb.pp("fc1"), cfg.ffn_dim, d)?,
+            },
+            fc2: Proj {
+                w: Proj::load(&vb.pp("fc2"), d, cfg.ffn_dim)?,
+            },
+        })
+    }
+}
+
+/// Per-layer generation state.
+#[derive(Debug)]
+struct LayerState {
+    /// Self-attention cache, preallocated: (batch, heads, capacity, head_dim).
+    k: Tensor,
+    v: Tensor,
+    /// Cross-attention keys/values of the condition: (batch, heads, cond_len, head_dim).
+    cross_k: Tensor,
+    cross_v: Tensor,
+}
+
+/// Everything one generation changes: the key/value caches and the position reached. Owned by
+/// the generation; built by [`Decoder::new_state`] for a fixed batch and capacity.
+#[derive(Debug)]
+pub struct DecoderState {
+    batch: usize,
+    capacity: usize,
+    /// Positions already in the cache (the position of the next token fed).
+    pos: usize,
+    layers: Vec<LayerState>,
+    /// Additive cross-attention mask, 0 or a large negative value: (batch, 1, 1, cond_len).
+    cross_mask: Tensor,
+}
+
+impl DecoderState {
+    /// Rows of the decoder batch (twice the takes when guidance runs).
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Positions the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Positions fed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+    /// Forgets every position (the cache memory and the condition are kept).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+}
+
+/// The loaded decoder: immutable weights, shareable across generations (`Clone` is cheap, the
+/// tensors are reference-counted).
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    cfg: DecoderConfig,
+    /// All codebooks' embedding tables stacked: (num_codebooks * (vocab + 1), hidden).
+    embed: Tensor,
+    /// (max_position_embeddings, hidden) in the compute dtype.
+    positions: Tensor,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+    /// All heads stacked: (num_codebooks * vocab, hidden).
+    heads: Proj,
+    dtype: DType,
+    device: Device,
+}
+
+impl Decoder {
+    /// Loads the decoder. `vb` is the checkpoint root `.pp("decoder")` (keys
+    /// `model.decoder.…` and `lm_heads.…`); the weights take `vb`'s dtype, which is the
+    /// compute dtype.
+    pub fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self, DecoderError> {
+        cfg.validate()?;
+        let d = cfg.hidden_size;
+        let dvb = vb.pp("model").pp("decoder");
+        let tables = (0..cfg.num_codebooks)
+            .map(|k| {
+                dvb.pp("embed_tokens").pp(k).get_with_hints(
+                    (cfg.vocab_size + 1, d),
+                    "weight",
+                    candle_nn::Init::Randn {
+                        mean: 0.,
+                        stdev: 1.,
+                    },
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut embed = Tensor::cat(&tables, 0)?.contiguous()?;
+        if cfg.scale_embedding {
+            embed = (embed * (d as f64).sqrt())?;
+        }
+        let table = sinusoidal_table(cfg.max_position_embeddings, d);
+        let positions = Tensor::from_vec(table, (cfg.max_position_embeddings, d), vb.device())?
+            .to_dtype(vb.dtype())?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, dvb.pp("layers").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let heads = (0..cfg.num_codebooks)
+            .map(|k| Proj::load(&vb.pp("lm_heads").pp(k), cfg.vocab_size, d))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            positions,
+            layers,
+            final_norm: layer_norm(d, dvb.pp("layer_norm"))?,
+            heads: Proj::fused(&heads)?,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+    /// The compute (and weight) dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Builds the state of one generation: a self-attention cache for `capacity` positions and
+    /// the cross-attention keys/values of the condition.
+    ///
+    /// `cond`: (batch, cond_len, hidden) encoder states, already projected to the decoder width
+    /// and zeroed where masked; `cond_mask`: (batch, cond_len), 1 = attend, 0 = masked (any
+    /// integer or float dtype). A row with an all-zero mask attends to nothing and its
+    /// cross-attention output is 0.
+    pub fn new_state(
+        &self,
+        cond: &Tensor,
+        cond_mask: &Tensor,
+        capacity: usize,
+    ) -> Result<DecoderState, DecoderError> {
+        let (batch, cond_len, width) = cond.dims3()?;
+        if width != self.cfg.hidden_size {
+            return Err(DecoderError::Shape(format!(
+                "condition width {width} differs from the decoder's hidden size {}",
+                self.cfg.hidden_size
+            )));
+        }
+        if cond_mask.dims() != [batch, cond_len] {
+            return Err(DecoderError::Shape(format!(
+                "condition mask {:?} does not match the condition ({batch}, {cond_len})",
+                cond_mask.dims()
+            )));
+        }
+        if capacity > self.cfg.max_position_embeddings {
+            return Err(DecoderError::CacheFull {
+                positions: capacity,
+                capacity: self.cfg.max_position_embeddings,
+            });
+        }
+        let (h, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        let cond = cond.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let cond2 = cond.reshape((batch * cond_len, width))?;
+        // 1 -> 0, 0 -> mask value: (batch, 1, 1, cond_len)
+        let keep = cond_mask.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let cross_mask = ((1.0 - keep)? * mask_value(self.dtype))?
+            .to_dtype(self.dtype)?
+            .reshape((batch, 1, 1, cond_len))?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                // (batch, cond_len, 2, heads, head_dim) -> (2, batch, heads, cond_len, head_dim)
+                let kv = layer
+                    .cross_kv
+                    .forward(&cond2)?
+                    .reshape((batch, cond_len, 2, h, hd))?
+                    .permute((2, 0, 3, 1, 4))?;
+                let cache = Tensor::zeros((batch, h, capacity, hd), self.dtype, &self.device)?;
+                Ok(LayerState {
+                    k: cache.clone(),
+                    v: cache.zeros_like()?,
+                    cross_k: kv.get(0)?.contiguous()?,
+                    cross_v: kv.get(1)?.contiguous()?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(DecoderState {
+            batch,
+            capacity,
+            pos: 0,
+            layers,
+            cross_mask,
+        })
+    }
+
+    /// Embeds `ids` (batch, codebooks, time) u32: the codebooks' embeddings summed plus the
+    /// positions `start..start + time`. Returns (batch, time, hidden).
+    fn embed(&self, ids: &Tensor, start: usize) -> Result<Tensor, DecoderError> {
+        let (b, k, t) = ids.dims3()?;
+        let rows = self.cfg.vocab_size as u32 + 1;
+        // Offset codebook k's ids into the stacked table.
+        let offsets = Tensor::arange(0u32, k as u32, ids.device())?
+            .affine(f64::from(rows), 0.0)?
+            .reshape((1, k, 1))?;
+        let idx = ids.broadcast_add(&offsets)?.flatten_all()?;
+        let x = self
+            .embed
+            .index_select(&idx, 0)?
+            .reshape((b, k, t, self.cfg.hidden_size))?
+            .sum(1)?;
+        let pos = self.positions.narrow(0, start, t)?.unsqueeze(0)?;
+        Ok(x.broadcast_add(&pos)?)
+    }
+
+    /// Feeds `ids` (batch, codebooks, time) u32 at the state's next positions and returns the
+    /// logits of the last position: (batch, codebooks, vocab) f32. `time` is the prompt length
+    /// for the first call (prefill) and 1 afterwards.
+    pub fn forward(&self, state: &mut DecoderState, ids: &Tensor) -> Result<Tensor, DecoderError> {
+        let (b, k, t) = ids.dims3()?;
+        if b != state.batch || k != self.cfg.num_codebooks || t == 0 {
+            return Err(DecoderError::Shape(format!(
+                "ids {:?} do not fit a state of batch {} with {} codebooks",
+                ids.dims(),
+                state.batch,
+                self.cfg.num_codebooks
+            )));
+        }
+        let start = state.pos;
+        if start + t > state.capacity {
+            return Err(DecoderError::CacheFull {
+                positions: start + t,
+                capacity: state.capacity,
+            });
+        }
+        let ids = ids.to_device(&self.device)?.to_dtype(DType::U32)?;
+        let mut x = self.embed(&ids, start)?; // (batch, time, hidden)
+                                              // Causal mask for a multi-position call: query i (at start + i) sees keys 0..=start + i.
+        let causal = if t > 1 {
+            Some(self.causal_mask(start, t)?)
+        } else {
+            None
+        };
+        for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
+            x = self.layer_forward(layer, ls, &x, start, causal.as_ref(), &state.cross_mask)?;
+        }
+        state.pos = start + t;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (batch, hidden)
+        let last = self.final_norm.forward(&last)?;
+        let logits = self.heads.forward(&last)?; // (batch, codebooks * vocab)
+        Ok(logits
+            .reshape((b, k, self.cfg.vocab_size))?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// (time, start + time) additive mask in the compute dtype.
+    fn causal_mask(&self, start: usize, t: usize) -> candle_core::Result<Tensor> {
+        let total = start + t;
+        let neg = mask_value(self.dtype) as f32;
+        let m: Vec<f32> = (0..t)
+            .flat_map(|i| (0..total).map(move |j| if j > start + i { neg } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        ls: &mut LayerState,
+        x: &Tensor,
+        start: usize,
+        causal: Option<&Tensor>,
+        cross_mask: &Tensor,
+    ) -> Result<Tensor, DecoderError> {
+        let (b, t, d) = x.dims3()?;
+        let (h, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        // Self-attention.
+        let hs = layer.self_attn_norm.forward(x)?.reshape((b * t, d))?;
+        // (batch, time, 3 * heads, head_dim) -> (batch, 3 * heads, time, head_dim)
+        let qkv = layer
+            .self_qkv
+            .forward(&hs)?
+            .reshape((b, t, 3 * h, hd))?
+            .transpose(1, 2)?;
+        let q = (qkv.narrow(1, 0, h)?.contiguous()? * scale)?;
+        ls.k.slice_set(&qkv.narrow(1, h, h)?.contiguous()?, 2, start)?;
+        ls.v.slice_set(&qkv.narrow(1, 2 * h, h)?.contiguous()?, 2, start)?;
+        let keys = ls.k.narrow(2, 0, start + t)?; // (batch, heads, start + time, head_dim)
+        let values = ls.v.narrow(2, 0, start + t)?;
+        let mut scores = q.matmul(&keys.t()?)?; // (batch, heads, time, start + time)
+        if let Some(m) = causal {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let attn = probs
+            .matmul(&values)?
+            .transpose(1, 2)?
+            .reshape((b * t, d))?; // (batch * time, hidden)
+        let x = (x + layer.self_out.forward(&attn)?.reshape((b, t, d))?)?;
+
+        // Cross-attention over the condition.
+        let hs = layer.cross_norm.forward(&x)?.reshape((b * t, d))?;
+        let q = (layer
+            .cross_q
+            .forward(&hs)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            * scale)?;
+        let scores = q.matmul(&ls.cross_k.t()?)?.broadcast_add(cross_mask)?; // (batch, heads, time, cond_len)
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let attn = probs
+            .matmul(&ls.cross_v)?
+            .transpose(1, 2)?
+            .reshape((b * t, d))?;
+        let x = (x + layer.cross_out.forward(&attn)?.reshape((b, t, d))?)?;
+
+        // Feed-forward.
+        let hs = layer.ffn_norm.forward(&x)?.reshape((b * t, d))?;
+        let hs = layer.fc2.forward(
+            &self
+                .cfg
+                .activation_function
+                .forward(&layer.fc1.forward(&hs)?)?,
+        )?;
+        Ok((x + hs.reshape((b, t, d))?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_are_musicgen_small() {
+        let c = DecoderConfig::default();
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.ffn_dim
+            ),
+            (1024, 24, 16, 4096)
+        );
+        assert_eq!(
+            (
+                c.num_codebooks,
+                c.audio_channels,
+                c.channel_codebooks(),
+                c.head_dim()
+            ),
+            (4, 1, 4, 64)
+        );
+        assert_eq!(c.activation_function, Activation::Gelu);
+        assert!(c.validate().is_ok());
+        let bad = DecoderConfig {
+            num_attention_heads: 5,
+            ..c.clone()
+        };
+        assert!(matches!(bad.validate(), Err(DecoderError::Config(_))));
+        let bad = DecoderConfig {
+            audio_channels: 3,
+            num_codebooks: 8,
+            ..c
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn sinusoidal_table_is_cos_then_sin_from_position_zero() {
+        let t = sinusoidal_table(3, 6); // half = 3, f = [1, 0.01, 0.0001]
+        assert_eq!(&t[0..6], &[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
+        let f = [1.0f32, 0.01, 0.0001];
+        for p in 1..3 {
+            for i in 0..3 {
+                let a = p as f32 * f[i];
+                assert!((t[p * 6 + i] - a.cos()).abs() < 1e-6);
+                assert!((t[p * 6 + 3 + i] - a.sin()).abs() < 1e-6);
+            }
+        }
+        // Odd width: zero padded last column.
+        let t = sinusoidal_table(2, 5);
+        assert_eq!(t[4], 0.0);
+        assert_eq!(t[9], 0.0);
+    }
+}

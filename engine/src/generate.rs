@@ -1,1 +1,391 @@
-//! (in progress)
+//! The generation loop: text condition, delay pattern, decoder steps with guidance and
+//! sampling, and the undelayed codes.
+//!
+//! Mirrors `MusicgenForConditionalGeneration.generate` (transformers): the decoder sequence
+//! starts with one start column (the BOS id in every codebook) followed by the delayed prompt;
+//! the first decoder call feeds all of that at once, every later call one column; after each
+//! step the new column is overwritten wherever the delay pattern forces a token (see
+//! [`crate::pattern::forced_token`]). With guidance the decoder batch holds the conditional rows
+//! first and the null condition's rows after them, and the logits are mixed as
+//! `uncond + scale * (cond - uncond)` before choosing tokens.
+//!
+//! Unlike the reference, a token forced by the pattern is not sampled at all (the reference
+//! samples and then overwrites it), so the random stream is spent only on real choices.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+use crate::decoder::DecoderError;
+use crate::model::Musicgen;
+use crate::pattern::{codebook_delays, forced_token, sequence_len, undo_delay, PatternError};
+use crate::sampling::{guidance_mix, Sampler, SamplingError, SamplingParams, TakeRng};
+use crate::text::{TextCondition, TextError};
+
+/// What conditions the decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    /// One text per batch row (several takes of one text repeat it).
+    Text(Vec<String>),
+    /// No text: the reference's unconditional input (zero condition). Guidance is pointless
+    /// there (both halves would be identical) and is not run.
+    Unconditional { rows: usize },
+}
+
+impl Condition {
+    /// `takes` rows of one text; an empty or blank text means [`Condition::Unconditional`].
+    pub fn takes_of(text: &str, takes: usize) -> Self {
+        if text.trim().is_empty() {
+            Self::Unconditional { rows: takes }
+        } else {
+            Self::Text(vec![text.to_string(); takes])
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Text(t) => t.len(),
+            Self::Unconditional { rows } => *rows,
+        }
+    }
+}
+
+/// One generation request at the level of codes (audio prompts are encoded by the caller or
+/// by the codec-aware wrapper).
+#[derive(Debug, Clone)]
+pub struct CodesRequest {
+    pub condition: Condition,
+    /// Undelayed prompt codes per row, `(rows, codebooks, prompt_frames)`; every row the same
+    /// number of frames. Empty = no prompt.
+    pub prompt: Vec<Vec<Vec<u32>>>,
+    /// Frames to generate after the prompt (50 per second).
+    pub new_frames: usize,
+    pub sampling: SamplingParams,
+    /// One seed per row: the same seed with the same inputs gives the same codes.
+    pub seeds: Vec<u64>,
+}
+
+/// Passed to the step callback after every decoder step.
+#[derive(Debug)]
+pub struct StepInfo<'a> {
+    /// Steps done, 1-based.
+    pub step: usize,
+    /// Steps in this generation (`new_frames` + the delay depth − 1).
+    pub total: usize,
+    /// Time since the generation started (text encoding included).
+    pub elapsed: Duration,
+    /// A new frame completed by this step (all codebooks known), if any.
+    pub frame: Option<FrameReady<'a>>,
+}
+
+/// One finished frame of every row, as soon as the delay pattern completes it (for streaming).
+#[derive(Debug)]
+pub struct FrameReady<'a> {
+    /// Index among the new frames (0 = the first frame after the prompt).
+    pub index: usize,
+    /// `(rows, codebooks)` row-major.
+    pub codes: &'a [u32],
+}
+
+/// What the step callback wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Abandon the generation; [`generate_codes`] returns [`GenerateError::Cancelled`].
+    Stop,
+}
+
+/// Wall-clock times of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    pub text: Duration,
+    /// The first decoder call (start column and prompt together).
+    pub prefill: Duration,
+    /// All decoder steps after the first.
+    pub steps: Duration,
+    pub total: Duration,
+}
+
+impl Timings {
+    /// Decoder steps per second after the prefill.
+    pub fn steps_per_second(&self, steps: usize) -> f64 {
+        if steps <= 1 || self.steps.is_zero() {
+            return 0.0;
+        }
+        (steps - 1) as f64 / self.steps.as_secs_f64()
+    }
+}
+
+/// The result: undelayed codes, prompt first.
+#[derive(Debug, Clone)]
+pub struct CodesOutput {
+    /// `(rows, codebooks, prompt_frames + new_frames)`.
+    pub codes: Vec<Vec<Vec<u32>>>,
+    pub prompt_frames: usize,
+    pub new_frames: usize,
+    pub seeds: Vec<u64>,
+    /// Per row: the text was cut to the tokenizer's limit.
+    pub text_truncated: Vec<bool>,
+    /// Decoder steps run.
+    pub steps: usize,
+    pub timings: Timings,
+}
+
+impl CodesOutput {
+    /// The codes as a `(rows, codebooks, frames)` u32 tensor (what the codec decodes).
+    pub fn to_tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
+        let rows = self.codes.len();
+        let k = self.codes.first().map_or(0, Vec::len);
+        let n = self.prompt_frames + self.new_frames;
+        let flat: Vec<u32> = self.codes.iter().flatten().flatten().copied().collect();
+        Tensor::from_vec(flat, (rows, k, n), device)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(
+        "{requested} frames requested ({prompt} prompt + {new} new, {secs:.2} s) but this model allows at most {max} ({max_secs:.2} s), prompt included",
+        requested = prompt + new, secs = (*prompt + *new) as f64 / 50.0, max_secs = *max as f64 / 50.0
+    )]
+    TooLong {
+        prompt: usize,
+        new: usize,
+        max: usize,
+    },
+    #[error("at least one new frame must be requested")]
+    NoFrames,
+    #[error("{0}")]
+    Request(String),
+    #[error("generation cancelled after {step} of {total} steps")]
+    Cancelled { step: usize, total: usize },
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    #[error(transparent)]
+    Text(#[from] TextError),
+    #[error(transparent)]
+    Decoder(#[from] DecoderError),
+    #[error("generation: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Checks a request against the model before any work: lengths, prompt shape, seeds, sampling.
+pub fn validate_request(model: &Musicgen, req: &CodesRequest) -> Result<(), GenerateError> {
+    req.sampling.validate()?;
+    let rows = req.condition.rows();
+    let k = model.config().decoder.num_codebooks;
+    if rows == 0 {
+        return Err(GenerateError::Request(
+            "at least one take (batch row) is needed".into(),
+        ));
+    }
+    if req.seeds.len() != rows {
+        return Err(GenerateError::Request(format!(
+            "{} seeds given for {rows} rows",
+            req.seeds.len()
+        )));
+    }
+    if req.new_frames == 0 {
+        return Err(GenerateError::NoFrames);
+    }
+    let prompt_frames = prompt_frames(req)?;
+    if !req.prompt.is_empty() {
+        if req.prompt.len() != rows {
+            return Err(GenerateError::Request(format!(
+                "{} prompt rows given for {rows} rows",
+                req.prompt.len()
+            )));
+        }
+        let vocab = model.config().decoder.vocab_size as u32;
+        for row in &req.prompt {
+            if row.len() != k {
+                return Err(GenerateError::Request(format!(
+                    "prompt has {} codebooks, the model {k}",
+                    row.len()
+                )));
+            }
+            if let Some(&bad) = row.iter().flatten().find(|&&c| c >= vocab) {
+                return Err(GenerateError::Request(format!(
+                    "prompt code {bad} is outside the codebook (< {vocab})"
+                )));
+            }
+        }
+    }
+    let max = model.max_frames();
+    if prompt_frames + req.new_frames > max {
+        return Err(GenerateError::TooLong {
+            prompt: prompt_frames,
+            new: req.new_frames,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn prompt_frames(req: &CodesRequest) -> Result<usize, GenerateError> {
+    let n = req
+        .prompt
+        .first()
+        .and_then(|r| r.first())
+        .map_or(0, Vec::len);
+    if req.prompt.iter().flatten().any(|r| r.len() != n) {
+        return Err(GenerateError::Request(
+            "prompt rows and codebooks must all have the same number of frames".into(),
+        ));
+    }
+    Ok(n)
+}
+
+/// Runs one generation. `on_step` is called after every decoder step (from this thread) and
+/// can stop it; the callback's time counts in the timings.
+pub fn generate_codes(
+    model: &Musicgen,
+    req: &CodesRequest,
+    on_step: &mut dyn FnMut(&StepInfo) -> Control,
+) -> Result<CodesOutput, GenerateError> {
+    validate_request(model, req)?;
+    let started = Instant::now();
+    let cfg = &model.config().decoder;
+    let decoder = model.decoder();
+    let device = decoder.device().clone();
+    let rows = req.condition.rows();
+    let k = cfg.num_codebooks;
+    let vocab = cfg.vocab_size;
+    let (bos, pad) = (cfg.bos_token_id, cfg.pad_token_id);
+    let delays = codebook_delays(k, cfg.audio_channels)?;
+    let prompt_frames = prompt_frames(req)?;
+    let new_frames = req.new_frames;
+    let empty: Vec<u32> = Vec::new();
+    let prompt_row = |r: usize, c: usize| -> &[u32] { req.prompt.get(r).map_or(&empty, |p| &p[c]) };
+
+    // Condition.
+    let (cond, guidance) = match &req.condition {
+        Condition::Text(texts) => {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            (
+                model.text_encoder().encode(&refs)?,
+                req.sampling.uses_guidance(),
+            )
+        }
+        Condition::Unconditional { rows } => (
+            TextCondition::unconditional(*rows, cfg.hidden_size, &device)?,
+            false,
+        ),
+    };
+    let text_truncated = cond.truncated.clone();
+    let cond = if guidance { cond.with_null()? } else { cond };
+    let batch = cond.batch();
+    let text_time = started.elapsed();
+
+    // The delayed sequence, host side: (rows, codebooks, len).
+    let len = sequence_len(prompt_frames, new_frames, &delays);
+    let start = prompt_frames + 1;
+    let steps = len - start;
+    let mut seq = vec![vec![vec![pad; len]; k]; rows];
+    for (r, row) in seq.iter_mut().enumerate() {
+        for (c, col) in row.iter_mut().enumerate() {
+            for (t, slot) in col.iter_mut().enumerate().take(start) {
+                *slot = forced_token(t, delays[c], prompt_row(r, c), new_frames, bos, pad)
+                    .unwrap_or(pad);
+            }
+        }
+    }
+    let mut state = decoder.new_state(&cond.states, &cond.mask, len - 1)?;
+
+    let mut sampler = Sampler::new(req.sampling.clone())?;
+    let mut rngs: Vec<TakeRng> = req.seeds.iter().map(|&s| TakeRng::new(s)).collect();
+    let mut guided = vec![0f32; vocab];
+    let mut frame = vec![0u32; rows * k];
+    let mut prefill = Duration::ZERO;
+    let steps_started = Instant::now();
+    let max_delay = delays.iter().copied().max().unwrap_or(0);
+
+    for step in 0..steps {
+        let t = start + step; // the column this step produces
+        let (from, width) = if step == 0 { (0, start) } else { (t - 1, 1) };
+        // (batch, codebooks, width): the conditional rows, repeated for the null condition.
+        let mut ids = Vec::with_capacity(batch * k * width);
+        for b in 0..batch {
+            for col in &seq[b % rows] {
+                ids.extend_from_slice(&col[from..from + width]);
+            }
+        }
+        let ids = Tensor::from_vec(ids, (batch, k, width), &device)?;
+        let logits = decoder.forward(&mut state, &ids)?; // (batch, codebooks, vocab)
+        let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        for r in 0..rows {
+            for c in 0..k {
+                let token = match forced_token(t, delays[c], prompt_row(r, c), new_frames, bos, pad)
+                {
+                    Some(forced) => forced,
+                    None => {
+                        let at = (r * k + c) * vocab;
+                        guided.copy_from_slice(&logits[at..at + vocab]);
+                        if guidance {
+                            let u = ((rows + r) * k + c) * vocab;
+                            guidance_mix(
+                                &mut guided,
+                                &logits[u..u + vocab],
+                                req.sampling.guidance_scale,
+                            );
+                        }
+                        sampler.sample(&guided, &mut rngs[r])
+                    }
+                };
+                seq[r][c][t] = token;
+            }
+        }
+        if step == 0 {
+            prefill = steps_started.elapsed();
+        }
+        // The frame whose last codebook this column holds is now complete.
+        let done = t
+            .checked_sub(1 + max_delay)
+            .filter(|&f| f >= prompt_frames && f < prompt_frames + new_frames);
+        let frame_ready = done.map(|f| {
+            for r in 0..rows {
+                for c in 0..k {
+                    frame[r * k + c] = seq[r][c][1 + delays[c] + f];
+                }
+            }
+            FrameReady {
+                index: f - prompt_frames,
+                codes: &frame,
+            }
+        });
+        let info = StepInfo {
+            step: step + 1,
+            total: steps,
+            elapsed: started.elapsed(),
+            frame: frame_ready,
+        };
+        if on_step(&info) == Control::Stop {
+            return Err(GenerateError::Cancelled {
+                step: step + 1,
+                total: steps,
+            });
+        }
+    }
+    let decode_time = steps_started.elapsed();
+
+    let codes = seq
+        .iter()
+        .map(|row| undo_delay(row, &delays, prompt_frames + new_frames))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(CodesOutput {
+        codes,
+        prompt_frames,
+        new_frames,
+        seeds: req.seeds.clone(),
+        text_truncated,
+        steps,
+        timings: Timings {
+            text: text_time,
+            prefill,
+            steps: decode_time - prefill,
+            total: started.elapsed(),
+        },
+    })
+}

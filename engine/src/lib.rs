@@ -7,6 +7,7 @@
 //! - [`pattern`]: the codebook delay pattern (pure functions).
 //! - [`sampling`]: guidance mix, temperature, top-k / top-p, greedy.
 //! - [`generate`]: the generation loop.
+//! - [`model`]: a loaded MusicGen checkpoint (typed config, text encoder, decoder).
 //! - [`hub`]: model download / cache / local folders.
 //! - [`service`]: the long-lived inference thread and its channels.
 //! - [`audio`]: WAV reading/writing and resampling helpers shared by the CLI and the plugin.
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod decoder;
 pub mod generate;
 pub mod hub;
+pub mod model;
 pub mod pattern;
 pub mod sampling;
 pub mod service;

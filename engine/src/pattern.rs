@@ -28,11 +28,17 @@ pub enum PatternError {
 
 /// The delay (in positions) of each codebook: `k` for mono, `k / 2` for stereo checkpoints whose
 /// codebooks are interleaved left/right (even = left, odd = right).
-pub fn codebook_delays(num_codebooks: usize, audio_channels: usize) -> Result<Vec<usize>, PatternError> {
+pub fn codebook_delays(
+    num_codebooks: usize,
+    audio_channels: usize,
+) -> Result<Vec<usize>, PatternError> {
     match audio_channels {
         1 => Ok((0..num_codebooks).collect()),
         2 if num_codebooks.is_multiple_of(2) => Ok((0..num_codebooks).map(|k| k / 2).collect()),
-        _ => Err(PatternError::Channels { channels: audio_channels, codebooks: num_codebooks }),
+        _ => Err(PatternError::Channels {
+            channels: audio_channels,
+            codebooks: num_codebooks,
+        }),
     }
 }
 
@@ -43,11 +49,17 @@ pub fn delayed_len(frames: usize, delays: &[usize]) -> usize {
 
 fn check_rows<T>(rows: &[Vec<T>], codebooks: usize) -> Result<usize, PatternError> {
     if rows.len() != codebooks {
-        return Err(PatternError::Codebooks { expected: codebooks, got: rows.len() });
+        return Err(PatternError::Codebooks {
+            expected: codebooks,
+            got: rows.len(),
+        });
     }
     let len = rows.first().map_or(0, Vec::len);
     if let Some(r) = rows.iter().find(|r| r.len() != len) {
-        return Err(PatternError::Ragged { first: len, other: r.len() });
+        return Err(PatternError::Ragged {
+            first: len,
+            other: r.len(),
+        });
     }
     Ok(len)
 }
@@ -114,7 +126,12 @@ pub fn build_delay_pattern_mask(
     let start = mask[0].iter().position(|&v| v == FREE).unwrap_or(seq_len);
     let prefix = mask
         .iter()
-        .map(|row| row[..start.min(max_length)].iter().map(|&v| v as u32).collect())
+        .map(|row| {
+            row[..start.min(max_length)]
+                .iter()
+                .map(|&v| v as u32)
+                .collect()
+        })
         .collect();
     Ok(DelayPattern { mask, prefix })
 }
@@ -131,11 +148,50 @@ pub fn apply_delay_pattern_mask(ids: &mut [Vec<u32>], mask: &[Vec<i64>]) {
     }
 }
 
+/// The token the delay pattern forces at column `t` of a codebook with delay `delay`, or `None`
+/// where the model predicts. The sequence holds `bos` at columns `0..=delay`, the row's
+/// `prompt` frames next, `new_frames` predicted frames after them, and `pad` from there on:
+/// frame `f` sits at column `1 + delay + f`. For every length where the reference applies a
+/// pattern this equals [`build_delay_pattern_mask`] over `1 + prompt.len() + new_frames +
+/// max_delay` columns (tested); unlike the reference it also holds for very short sequences,
+/// where the reference silently applies no delay at all.
+pub fn forced_token(
+    t: usize,
+    delay: usize,
+    prompt: &[u32],
+    new_frames: usize,
+    bos: u32,
+    pad: u32,
+) -> Option<u32> {
+    if t <= delay {
+        return Some(bos);
+    }
+    let f = t - 1 - delay;
+    if f < prompt.len() {
+        Some(prompt[f])
+    } else if f < prompt.len() + new_frames {
+        None
+    } else {
+        Some(pad)
+    }
+}
+
+/// Columns of a delayed sequence holding `prompt_frames + new_frames` frames, the start column
+/// included: `1 + frames + max_delay`.
+pub fn sequence_len(prompt_frames: usize, new_frames: usize, delays: &[usize]) -> usize {
+    delayed_len(prompt_frames + new_frames, delays)
+}
+
 /// Applies the delay to undelayed `frames` (`(codebooks, n)`): returns the `(codebooks,
 /// delayed_len(n))` sequence with `bos` at position 0, frame `f` of codebook `k` at
 /// `1 + f + delays[k]` and `pad` everywhere else. Equals the reference's pattern with the whole
 /// sequence given as the prompt.
-pub fn apply_delay(frames: &[Vec<u32>], delays: &[usize], bos: u32, pad: u32) -> Result<Vec<Vec<u32>>, PatternError> {
+pub fn apply_delay(
+    frames: &[Vec<u32>],
+    delays: &[usize],
+    bos: u32,
+    pad: u32,
+) -> Result<Vec<Vec<u32>>, PatternError> {
     let n = check_rows(frames, delays.len())?;
     let len = delayed_len(n, delays);
     Ok(frames
@@ -155,13 +211,21 @@ pub fn apply_delay(frames: &[Vec<u32>], delays: &[usize], bos: u32, pad: u32) ->
 /// Undoes the delay: reads `frames` frames of every codebook out of a delayed sequence
 /// (`(codebooks, >= delayed_len(frames))`), i.e. frame `f` of codebook `k` from position
 /// `1 + f + delays[k]`. Positional, so a code equal to the pad id cannot confuse it.
-pub fn undo_delay(delayed: &[Vec<u32>], delays: &[usize], frames: usize) -> Result<Vec<Vec<u32>>, PatternError> {
+pub fn undo_delay(
+    delayed: &[Vec<u32>],
+    delays: &[usize],
+    frames: usize,
+) -> Result<Vec<Vec<u32>>, PatternError> {
     let len = check_rows(delayed, delays.len())?;
     let need = delayed_len(frames, delays);
     if len < need {
         return Err(PatternError::TooShort { need, have: len });
     }
-    Ok(delayed.iter().zip(delays).map(|(row, &d)| row[1 + d..1 + d + frames].to_vec()).collect())
+    Ok(delayed
+        .iter()
+        .zip(delays)
+        .map(|(row, &d)| row[1 + d..1 + d + frames].to_vec())
+        .collect())
 }
 
 #[cfg(test)]
@@ -217,7 +281,10 @@ mod tests {
             ]
         );
         assert_eq!(p.start(), 3);
-        assert_eq!(p.prefix, vec![vec![P, 1, 2], vec![P, P, 3], vec![P, P, P], vec![P, P, P]]);
+        assert_eq!(
+            p.prefix,
+            vec![vec![P, 1, 2], vec![P, P, 3], vec![P, P, P], vec![P, P, P]]
+        );
     }
 
     #[test]
@@ -257,7 +324,11 @@ mod tests {
         let d = apply_delay(&frames, &delays, 99, P).unwrap();
         assert_eq!(
             d,
-            vec![vec![99, 10, 11, P, P], vec![P, P, 20, 21, P], vec![P, P, P, 30, 31]]
+            vec![
+                vec![99, 10, 11, P, P],
+                vec![P, P, 20, 21, P],
+                vec![P, P, P, 30, 31]
+            ]
         );
     }
 
@@ -268,8 +339,9 @@ mod tests {
         for (k, ch) in [(4, 1), (8, 2), (1, 1)] {
             let delays = codebook_delays(k, ch).unwrap();
             for n in [0usize, 1, 3, 17] {
-                let frames: Vec<Vec<u32>> =
-                    (0..k).map(|c| (0..n).map(|f| (c * 100 + f) as u32).collect()).collect();
+                let frames: Vec<Vec<u32>> = (0..k)
+                    .map(|c| (0..n).map(|f| (c * 100 + f) as u32).collect())
+                    .collect();
                 let input: Vec<Vec<u32>> = frames
                     .iter()
                     .map(|r| std::iter::once(P).chain(r.iter().copied()).collect())
@@ -278,11 +350,17 @@ mod tests {
                 let p = build_delay_pattern_mask(&input, &delays, len, P).unwrap();
                 let d = apply_delay(&frames, &delays, P, P).unwrap();
                 if len >= 2 * (delays.iter().max().unwrap() + 1) - 1 {
-                    let m: Vec<Vec<u32>> = p.mask.iter().map(|r| r.iter().map(|&v| v as u32).collect()).collect();
+                    let m: Vec<Vec<u32>> = p
+                        .mask
+                        .iter()
+                        .map(|r| r.iter().map(|&v| v as u32).collect())
+                        .collect();
                     assert_eq!(m, d, "k={k} n={n}");
                 }
-                let filtered: Vec<Vec<u32>> =
-                    d.iter().map(|r| r.iter().copied().filter(|&v| v != P).collect()).collect();
+                let filtered: Vec<Vec<u32>> = d
+                    .iter()
+                    .map(|r| r.iter().copied().filter(|&v| v != P).collect())
+                    .collect();
                 assert_eq!(filtered, frames);
             }
         }
@@ -293,8 +371,13 @@ mod tests {
         for (k, ch) in [(4, 1), (8, 2)] {
             let delays = codebook_delays(k, ch).unwrap();
             for n in [0usize, 1, 2, 5, 50] {
-                let frames: Vec<Vec<u32>> =
-                    (0..k).map(|c| (0..n).map(|f| ((c * 7919 + f * 31) % 2048) as u32).collect()).collect();
+                let frames: Vec<Vec<u32>> = (0..k)
+                    .map(|c| {
+                        (0..n)
+                            .map(|f| ((c * 7919 + f * 31) % 2048) as u32)
+                            .collect()
+                    })
+                    .collect();
                 let d = apply_delay(&frames, &delays, P, P).unwrap();
                 assert_eq!(d[0].len(), delayed_len(n, &delays));
                 assert_eq!(undo_delay(&d, &delays, n).unwrap(), frames);
@@ -310,12 +393,60 @@ mod tests {
         assert_eq!(undo_delay(&d, &delays, 2).unwrap(), frames);
     }
 
+    /// `forced_token` agrees with the reference's mask (with the reference's `input_ids`: bos then
+    /// the prompt) wherever the reference applies a pattern, with and without a prompt, mono
+    /// and stereo.
+    #[test]
+    fn forced_token_equals_reference_mask() {
+        for (k, ch) in [(4usize, 1usize), (8, 2), (2, 1)] {
+            let delays = codebook_delays(k, ch).unwrap();
+            for p in [0usize, 1, 5] {
+                for f in [1usize, 3, 7] {
+                    let prompt: Vec<Vec<u32>> = (0..k)
+                        .map(|c| (0..p).map(|i| (c * 10 + i) as u32).collect())
+                        .collect();
+                    let input: Vec<Vec<u32>> = prompt
+                        .iter()
+                        .map(|r| std::iter::once(P).chain(r.iter().copied()).collect())
+                        .collect();
+                    let len = sequence_len(p, f, &delays);
+                    let cc = delays.iter().max().unwrap() + 1;
+                    if len < 2 * cc - 1 {
+                        continue;
+                    }
+                    let reference = build_delay_pattern_mask(&input, &delays, len, P).unwrap();
+                    for (row, (&d, mrow)) in delays.iter().zip(&reference.mask).enumerate() {
+                        for (t, &m) in mrow.iter().enumerate() {
+                            let ours =
+                                forced_token(t, d, &prompt[row], f, P, P).map_or(FREE, i64::from);
+                            assert_eq!(ours, m, "k={k} p={p} f={f} row={row} t={t}");
+                        }
+                    }
+                    // The first free column of codebook 0 is right after the prompt.
+                    assert_eq!(reference.start(), p + 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forced_token_short_sequences_still_delay() {
+        // One new frame, no prompt, 4 codebooks: codebook 3 predicts at column 4 only.
+        let col: Vec<Option<u32>> = (0..5).map(|t| forced_token(t, 3, &[], 1, P, 7)).collect();
+        assert_eq!(col, vec![Some(P), Some(P), Some(P), Some(P), None]);
+        let col: Vec<Option<u32>> = (0..5).map(|t| forced_token(t, 0, &[], 1, P, 7)).collect();
+        assert_eq!(col, vec![Some(P), None, Some(7), Some(7), Some(7)]);
+    }
+
     #[test]
     fn shape_errors() {
         let delays = codebook_delays(2, 1).unwrap();
         assert_eq!(
             apply_delay(&[vec![1]], &delays, P, P),
-            Err(PatternError::Codebooks { expected: 2, got: 1 })
+            Err(PatternError::Codebooks {
+                expected: 2,
+                got: 1
+            })
         );
         assert_eq!(
             apply_delay(&[vec![1], vec![1, 2]], &delays, P, P),

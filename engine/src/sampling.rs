@@ -27,7 +27,13 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { greedy: false, temperature: 1.0, top_k: 250, top_p: 1.0, guidance_scale: 3.0 }
+        Self {
+            greedy: false,
+            temperature: 1.0,
+            top_k: 250,
+            top_p: 1.0,
+            guidance_scale: 3.0,
+        }
     }
 }
 
@@ -47,7 +53,11 @@ pub enum SamplingError {
 impl SamplingParams {
     /// Greedy decoding with the given guidance scale.
     pub fn greedy(guidance_scale: f64) -> Self {
-        Self { greedy: true, guidance_scale, ..Self::default() }
+        Self {
+            greedy: true,
+            guidance_scale,
+            ..Self::default()
+        }
     }
 
     /// Checks every value; temperature, top-k and top-p are checked only when sampling.
@@ -141,7 +151,11 @@ impl Sampler {
     /// Validates `params`.
     pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
         params.validate()?;
-        Ok(Self { params, cand: Vec::new(), probs: Vec::new() })
+        Ok(Self {
+            params,
+            cand: Vec::new(),
+            probs: Vec::new(),
+        })
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -157,7 +171,12 @@ impl Sampler {
         let inv_t = (1.0 / self.params.temperature) as f32;
         // Top-k: the reference removes every score strictly below the k-th largest.
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l * inv_t, i as u32)),
+        );
         let k = self.params.top_k.min(self.cand.len());
         if k < self.cand.len() {
             let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
@@ -174,10 +193,12 @@ impl Sampler {
             self.cand.truncate(keep);
         }
         // Ascending order (token id breaks ties), as the reference's `torch.sort` for top-p.
-        self.cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        self.cand
+            .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let max = self.cand.last().map_or(0.0, |c| c.0);
         self.probs.clear();
-        self.probs.extend(self.cand.iter().map(|c| f64::from(c.0 - max).exp()));
+        self.probs
+            .extend(self.cand.iter().map(|c| f64::from(c.0 - max).exp()));
         let total: f64 = self.probs.iter().sum();
         let mut first = 0usize;
         if self.params.top_p < 1.0 {
@@ -214,7 +235,10 @@ mod tests {
     fn default_values() {
         let p = SamplingParams::default();
         assert!(!p.greedy);
-        assert_eq!((p.temperature, p.top_k, p.top_p, p.guidance_scale), (1.0, 250, 1.0, 3.0));
+        assert_eq!(
+            (p.temperature, p.top_k, p.top_p, p.guidance_scale),
+            (1.0, 250, 1.0, 3.0)
+        );
         assert!(p.validate().is_ok());
         assert!(p.uses_guidance());
     }
@@ -228,12 +252,21 @@ mod tests {
             p.validate()
         };
         assert_eq!(bad(&|p| p.top_k = 0), Err(SamplingError::TopK));
-        assert_eq!(bad(&|p| p.temperature = -1.0), Err(SamplingError::Temperature(-1.0)));
-        assert_eq!(bad(&|p| p.temperature = 0.0), Err(SamplingError::Temperature(0.0)));
+        assert_eq!(
+            bad(&|p| p.temperature = -1.0),
+            Err(SamplingError::Temperature(-1.0))
+        );
+        assert_eq!(
+            bad(&|p| p.temperature = 0.0),
+            Err(SamplingError::Temperature(0.0))
+        );
         assert!(bad(&|p| p.temperature = f64::NAN).is_err());
         assert_eq!(bad(&|p| p.top_p = 0.0), Err(SamplingError::TopP(0.0)));
         assert_eq!(bad(&|p| p.top_p = 1.5), Err(SamplingError::TopP(1.5)));
-        assert_eq!(bad(&|p| p.guidance_scale = 0.5), Err(SamplingError::Guidance(0.5)));
+        assert_eq!(
+            bad(&|p| p.guidance_scale = 0.5),
+            Err(SamplingError::Guidance(0.5))
+        );
         assert!(bad(&|p| p.guidance_scale = f64::INFINITY).is_err());
         // Greedy ignores the sampling knobs but not guidance.
         assert!(bad(&|p| {
@@ -287,7 +320,11 @@ mod tests {
 
     #[test]
     fn top_k_one_is_argmax() {
-        let mut s = Sampler::new(SamplingParams { top_k: 1, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            ..Default::default()
+        })
+        .unwrap();
         let mut rng = TakeRng::new(9);
         for _ in 0..50 {
             assert_eq!(s.sample(&[0.0, 0.1, 5.0, 4.9], &mut rng), 2);
@@ -296,7 +333,11 @@ mod tests {
 
     #[test]
     fn top_k_restricts_to_k_best() {
-        let mut s = Sampler::new(SamplingParams { top_k: 2, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 2,
+            ..Default::default()
+        })
+        .unwrap();
         let mut rng = TakeRng::new(1);
         let logits = [1.0f32, 1.1, 0.9, 1.05, -3.0];
         let mut seen = [0usize; 5];
@@ -311,7 +352,11 @@ mod tests {
     fn top_p_keeps_the_nucleus() {
         // probs ~ [0.6, 0.3, 0.1] in logits form; top_p 0.8 keeps the first two.
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
-        let mut s = Sampler::new(SamplingParams { top_p: 0.8, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.8,
+            ..Default::default()
+        })
+        .unwrap();
         let mut rng = TakeRng::new(3);
         let mut seen = [0usize; 3];
         for _ in 0..3000 {
@@ -321,7 +366,11 @@ mod tests {
         let ratio = seen[0] as f64 / seen[1] as f64;
         assert!((ratio - 2.0).abs() < 0.3, "ratio {ratio}");
         // A tiny top_p still keeps the most likely token.
-        let mut s = Sampler::new(SamplingParams { top_p: 1e-6, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 1e-6,
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(s.sample(&logits, &mut rng), 0);
     }
 
@@ -329,9 +378,15 @@ mod tests {
     fn temperature_sharpens_and_flattens() {
         let logits = [0.0f32, 1.0];
         let count = |t: f64| {
-            let mut s = Sampler::new(SamplingParams { temperature: t, ..Default::default() }).unwrap();
+            let mut s = Sampler::new(SamplingParams {
+                temperature: t,
+                ..Default::default()
+            })
+            .unwrap();
             let mut rng = TakeRng::new(5);
-            (0..4000).filter(|_| s.sample(&logits, &mut rng) == 1).count()
+            (0..4000)
+                .filter(|_| s.sample(&logits, &mut rng) == 1)
+                .count()
         };
         let (cold, warm, hot) = (count(0.25), count(1.0), count(10.0));
         assert!(cold > warm && warm > hot, "{cold} {warm} {hot}");
@@ -345,7 +400,9 @@ mod tests {
         let run = |seed| {
             let mut s = Sampler::new(SamplingParams::default()).unwrap();
             let mut rng = TakeRng::new(seed);
-            (0..64).map(|_| s.sample(&logits, &mut rng)).collect::<Vec<_>>()
+            (0..64)
+                .map(|_| s.sample(&logits, &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(11), run(11));
         assert_ne!(run(11), run(12));
