@@ -1,8 +1,10 @@
 //! Small realtime-safe signal helpers (no allocation, no locks).
 
-/// Replaces subnormal values by zero. Flush-to-zero mode only flushes the results of arithmetic
-/// that underflows; a subnormal that is copied through untouched would survive it, so every
-/// output sample goes through this.
+/// Replaces subnormal values by zero, looking only at the bits (no floating-point operation, so a
+/// subnormal argument costs nothing extra). Flush-to-zero mode only flushes the results of
+/// arithmetic that underflows: a subnormal copied through untouched would survive it, and
+/// arithmetic on subnormal operands is slow unless denormals-are-zero is also set, which the
+/// plugin wrapper does not do. So inputs go through this before arithmetic and outputs after.
 #[inline]
 pub fn flush_denormal(x: f32) -> f32 {
     if x.is_subnormal() {

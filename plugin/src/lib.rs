@@ -112,22 +112,31 @@ impl Plugin for Segue {
             .map(|b| b.as_slice_immutable());
         let gain = &self.params.gain.smoothed;
 
+        // Subnormal inputs are flushed before any arithmetic touches them: the wrapper enables
+        // flush-to-zero (results) but not denormals-are-zero (operands), and arithmetic on
+        // subnormal operands is many times slower on x86. `flush_denormal` only looks at bits.
         for (channel, out) in buffer.as_slice().iter_mut().enumerate() {
             // `out` already holds the main input: the wrapper copies it in (in-place processing).
             if !monitor {
                 out.fill(0.0);
                 continue;
             }
-            if let Some(side) = sidechain.as_ref().and_then(|s| s.get(channel)) {
-                for (o, s) in out.iter_mut().zip(side.iter()) {
-                    *o += *s;
+            match sidechain.as_ref().and_then(|s| s.get(channel)) {
+                Some(side) => {
+                    for (o, s) in out.iter_mut().zip(side.iter()) {
+                        *o = dsp::flush_denormal(*o) + dsp::flush_denormal(*s);
+                    }
+                }
+                None => {
+                    for o in out.iter_mut() {
+                        *o = dsp::flush_denormal(*o);
+                    }
                 }
             }
         }
 
-        // The gain is smoothed per sample while it moves and is a constant otherwise; either way
-        // every output sample is flushed, since a subnormal input copied through untouched would
-        // survive the CPU's flush-to-zero mode.
+        // The gain is smoothed per sample while it moves and is a constant otherwise. Every
+        // output sample is flushed too, for CPUs or hosts where flush-to-zero is not in effect.
         let outputs = buffer.as_slice();
         let frames = outputs.first().map_or(0, |c| c.len());
         if gain.is_smoothing() {

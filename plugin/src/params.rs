@@ -77,7 +77,9 @@ impl Default for SegueParams {
             )
             .with_smoother(SmoothingStyle::Linear(GAIN_SMOOTHING_MS))
             .with_step_size(0.1)
-            .with_unit(" dB"),
+            .with_unit(" dB")
+            // Rounds to the 0.1 dB step and never shows "-0.0", so text round-trips exactly.
+            .with_value_to_string(formatters::v2s_f32_rounded(1)),
             monitor: BoolParam::new("Input Monitoring", true),
             state_version: AtomicU32::new(STATE_VERSION),
             editor_size: Arc::new(RwLock::new(DEFAULT_EDITOR_SIZE)),
@@ -199,6 +201,23 @@ mod tests {
             }
         );
         assert_eq!(restored.state_version(), STATE_VERSION);
+    }
+
+    #[test]
+    fn gain_text_round_trips() {
+        let params = SegueParams::default();
+        let gain = &params.gain;
+        // Just below 0 dB: must read "0.0", not "-0.0", or text -> value -> text changes.
+        let almost_unity = gain.preview_normalized(-0.004);
+        assert_eq!(
+            gain.normalized_value_to_string(almost_unity, true),
+            "0.0 dB"
+        );
+        for db in [-60.0, -12.3, -0.1, 0.0, 0.1, 12.0] {
+            let text = gain.normalized_value_to_string(gain.preview_normalized(db), true);
+            let back = gain.string_to_normalized_value(&text).unwrap();
+            assert_eq!(gain.normalized_value_to_string(back, true), text, "{db} dB");
+        }
     }
 
     #[test]

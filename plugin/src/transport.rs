@@ -129,7 +129,9 @@ pub fn grid_line_in_block(
     grid_beats: f64,
     origin_beats: f64,
 ) -> Option<GridHit> {
-    if block_len == 0 || !(samples_per_beat > 0.0) || !(grid_beats > 0.0) {
+    // `is_finite() && > 0` also rejects NaN, which a plain `<= 0.0` test would let through.
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if block_len == 0 || !positive(samples_per_beat) || !positive(grid_beats) {
         return None;
     }
     // Earliest line whose first sample can be >= 0: up to one sample before the block start.
@@ -145,7 +147,9 @@ pub fn grid_line_in_block(
                 return Some(GridHit {
                     offset: offset as usize,
                     beats: line,
-                    frac: offset as f64 - x,
+                    // A line up to SAMPLE_EPSILON after the sample counts as on it: frac 0, not
+                    // a tiny negative number.
+                    frac: (offset as f64 - x).max(0.0),
                 });
             }
             return None;

@@ -181,7 +181,12 @@ impl EditorWindow {
         )
         .context("X: create_window")?;
         conn.map_window(id).context("X: map_window")?;
-        conn.flush().context("X: flush")?;
+        // A round trip, not just a flush: the plugin reparents into this window over its own
+        // connection, so the server must have processed our requests before we hand out the id.
+        conn.get_input_focus()
+            .context("X: get_input_focus")?
+            .reply()
+            .context("X: round trip after creating the window")?;
         Ok(Self { x, id })
     }
 
@@ -199,7 +204,12 @@ impl EditorWindow {
                 &ConfigureWindowAux::new().width(width).height(height),
             )
             .context("X: configure_window")?;
-        self.x.conn.flush().context("X: flush")?;
+        self.x
+            .conn
+            .get_input_focus()
+            .context("X: get_input_focus")?
+            .reply()
+            .context("X: round trip after resizing the window")?;
         Ok(())
     }
 
@@ -274,8 +284,24 @@ impl EditorWindow {
         })
     }
 
-    /// Destroys the host window.
+    /// Destroys the host window, after giving the embedded editor up to two seconds to remove
+    /// its own window (hosts destroy the parent only after the plugin's GUI is gone).
     pub fn destroy(self) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(2) {
+            let children = self
+                .x
+                .conn
+                .query_tree(self.id)
+                .context("X: query_tree")?
+                .reply()
+                .context("X: query_tree reply")?
+                .children;
+            if children.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.x
             .conn
             .destroy_window(self.id)

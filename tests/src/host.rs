@@ -444,7 +444,7 @@ pub struct PluginInstance {
 impl PluginInstance {
     /// The host's record of the plugin's callbacks.
     pub fn host_state<R>(&mut self, read: impl FnOnce(&HostShared) -> R) -> R {
-        self.instance.access_shared_handler(|s| read(s))
+        self.instance.access_shared_handler(read)
     }
 
     /// Delivers a main-thread callback the plugin asked for, if it asked. Returns whether one was
@@ -856,6 +856,27 @@ impl PluginInstance {
         let size = gui
             .get_size(&handle)
             .context("gui.get_size returned nothing")?;
+        Ok((size.width, size.height))
+    }
+
+    /// Resizes the open editor as a host does when the user drags its window edge: the host
+    /// window first, then `gui.adjust_size` and `gui.set_size`. Returns the size the plugin
+    /// accepted, in pixels.
+    pub fn resize_editor(&mut self, width: u32, height: u32) -> Result<(u32, u32)> {
+        let window = self.editor.as_ref().context("the editor is not open")?;
+        let handle = self.instance.plugin_handle();
+        let gui: PluginGui = handle
+            .get_extension()
+            .context("plugin has no GUI extension")?;
+        ensure!(
+            gui.can_resize(&handle),
+            "the editor says it cannot be resized"
+        );
+        let wanted = GuiSize { width, height };
+        let size = gui.adjust_size(&handle, wanted).unwrap_or(wanted);
+        window.resize(size.width, size.height)?;
+        gui.set_size(&handle, size)
+            .map_err(|e| anyhow!("gui.set_size({}x{}) failed: {e}", size.width, size.height))?;
         Ok((size.width, size.height))
     }
 

@@ -135,7 +135,7 @@ mod tests {
             newest(&[old.clone(), missing.clone(), new.clone()]),
             Some(new.clone())
         );
-        assert_eq!(newest(&[missing.clone()]), None);
+        assert_eq!(newest(std::slice::from_ref(&missing)), None);
         assert_eq!(newest(&[old.clone(), missing]), Some(old));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -62,7 +62,11 @@ pub fn first_difference(a: &[f32], b: &[f32], tolerance: f32) -> Option<(usize, 
     a.iter()
         .zip(b)
         .enumerate()
-        .find(|(_, (x, y))| !((*x - *y).abs() <= tolerance))
+        .find(|(_, (x, y))| {
+            let d = (*x - *y).abs();
+            // NaN differences count as differences.
+            d.is_nan() || d > tolerance
+        })
         .map(|(i, (x, y))| (i, *x, *y))
 }
 

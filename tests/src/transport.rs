@@ -144,7 +144,7 @@ impl Transport {
         }
         let beats = self.pos_beats?;
         let spb = self.samples_per_beat(sample_rate)?;
-        (end > beats).then(|| (end - beats) * spb)
+        (end > beats).then_some((end - beats) * spb)
     }
 
     /// The transport `frames` samples later at `sample_rate` (Hz). A stopped transport, or one

@@ -64,3 +64,46 @@ fn editor_opens_draws_and_reopens() -> Result<()> {
         .all(|(sev, _)| !sev.contains("rror"))));
     Ok(())
 }
+
+#[test]
+fn editor_size_follows_the_host_and_is_saved() -> Result<()> {
+    let Some(x) = XServer::for_test("editor_size_follows_the_host_and_is_saved") else {
+        return Ok(());
+    };
+    let lib = PluginLibrary::segue()?;
+    let mut plugin = lib.instantiate()?;
+    plugin.open_editor(x)?;
+    plugin.editor_screenshot(DRAW_TIMEOUT)?;
+    let wanted = (
+        DEFAULT_EDITOR_SIZE.width + 160,
+        DEFAULT_EDITOR_SIZE.height + 100,
+    );
+    let accepted = plugin.resize_editor(wanted.0, wanted.1)?;
+    assert_eq!(
+        accepted, wanted,
+        "a size above the minimum is accepted as it is"
+    );
+    // The plugin's window follows asynchronously; wait for it to report the new size.
+    let start = std::time::Instant::now();
+    while plugin.editor_size()? != wanted {
+        assert!(
+            start.elapsed() < DRAW_TIMEOUT,
+            "editor size stayed {:?}, expected {wanted:?}",
+            plugin.editor_size()?
+        );
+        plugin.pump_main_thread();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let shot = plugin.editor_screenshot(DRAW_TIMEOUT)?;
+    assert_eq!((shot.width, shot.height), wanted);
+    shot.save_png(&target_dir()?.join("screenshots").join("editor-resized.png"))?;
+    plugin.close_editor()?;
+
+    // The size is part of the saved state: a project reopens the window as the user left it.
+    let state = plugin.save_state()?;
+    let mut restored = lib.instantiate()?;
+    restored.load_state(&state)?;
+    assert_eq!(restored.open_editor(x)?, wanted);
+    restored.close_editor()?;
+    Ok(())
+}

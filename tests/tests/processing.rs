@@ -182,8 +182,8 @@ fn output_gain_glides_to_its_target() -> Result<()> {
                 "{what}: the glide is not monotonic"
             );
             // Afterwards it sits at the target.
-            for ch in 0..2 {
-                for (i, x) in out[ch][glide + 1..].iter().enumerate() {
+            for (ch, channel) in out.iter().enumerate() {
+                for (i, x) in channel[glide + 1..].iter().enumerate() {
                     assert!(
                         (x - target).abs() < 1e-5,
                         "{what}: channel {ch} sample {} is {x}, expected {target}",
