@@ -23,15 +23,14 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::{DType, Device, DeviceLocation, Tensor};
+use candle_core::{DType, Device, DeviceLocation};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
-use crate::audio::{resample, Audio};
-use crate::codec::{CheckpointCodec, Encodec};
-use crate::generate::{generate_codes, CodesRequest, Condition, Control, GenerateError};
+use crate::audio::Audio;
+use crate::generate::{generate_audio, AudioRequest, Control, GenerateError};
 use crate::hub::{self, HubProgress, ModelFiles};
-use crate::model::{CheckpointPaths, Musicgen};
+use crate::model::Musicgen;
 use crate::sampling::SamplingParams;
 
 /// Errors of the service itself (a job's errors arrive as [`EventKind::Failed`]).
@@ -205,6 +204,12 @@ pub struct ModelInfo {
 pub struct Take {
     /// The continuation only (the prompt is not repeated), 32 kHz, the model's channels.
     pub audio: Audio,
+    /// Every undelayed code, prompt first: `(codebooks, prompt_frames + new frames)` (stereo
+    /// interleaved left/right). What an "extend" continues from, and what a streaming decode
+    /// re-decodes.
+    pub codes: Vec<Vec<u32>>,
+    /// Frames of `codes` that belong to the prompt.
+    pub prompt_frames: usize,
     pub meta: TakeMeta,
 }
 
@@ -650,11 +655,10 @@ fn acquire_model(
 // The model behind the service: MusicGen and its codec on one device
 // ---------------------------------------------------------------------------------------------
 
-/// A checkpoint ready to generate: the MusicGen LM and its EnCodec, on one device. Immutable;
+/// A checkpoint ready to generate (the MusicGen LM and its EnCodec, on one device). Immutable;
 /// shared between jobs and clients through an `Arc`.
 struct LoadedModel {
     musicgen: Musicgen,
-    codec: Encodec,
     info: ModelInfo,
 }
 
@@ -775,36 +779,16 @@ impl LoadedModel {
         };
         check_memory(&files, dtype, &device)?;
         send(EventKind::Load(LoadStage::Loading));
-        let tokenizer = files.tokenizer.clone().ok_or_else(|| {
-            JobError::Failed(format!(
-                "model {}: {} has no tokenizer.json (MusicGen needs the T5 tokenizer beside the weights)",
-                spec.source,
-                files.dir.display()
-            ))
-        })?;
-        let paths = CheckpointPaths {
-            config: files.config.clone(),
-            generation_config: files.generation_config.clone(),
-            weights: files.weights.clone(),
-            tokenizer,
-        };
-        let load_err =
-            |e: &dyn std::fmt::Display| JobError::Failed(format!("model {}: {e}", spec.source));
-        let musicgen = Musicgen::load(&paths, dtype, &device).map_err(|e| load_err(&e))?;
-        let (checkpoint, codec) =
-            CheckpointCodec::load(&files, &device).map_err(|e| load_err(&e))?;
+        let musicgen = Musicgen::load(&files, dtype, &device)
+            .map_err(|e| JobError::Failed(format!("model {}: {e}", spec.source)))?;
         let info = ModelInfo {
             spec: spec.clone(),
             device: device_name(&device),
-            channels: checkpoint.channels,
+            channels: musicgen.channels(),
             max_duration_s: musicgen.max_frames() as f64 / musicgen.frame_rate(),
             freshly_loaded: true,
         };
-        Ok(Self {
-            musicgen,
-            codec,
-            info,
-        })
+        Ok(Self { musicgen, info })
     }
 
     /// Runs one generation request to finished takes. `progress(step, total, steps_per_s)`
@@ -816,53 +800,40 @@ impl LoadedModel {
         progress: &mut dyn FnMut(usize, usize, f64),
     ) -> Result<Vec<Take>, JobError> {
         let started = Instant::now();
-        let channels = self.info.channels;
-        let frame_rate = self.musicgen.frame_rate();
-        let hop = self.codec.config().hop_length();
-        if req.takes == 0 {
-            return Err(JobError::Failed(
-                "at least one take must be requested".into(),
-            ));
-        }
         if !(req.duration_s.is_finite() && req.duration_s > 0.0) {
             return Err(JobError::Failed(format!(
                 "the continuation length must be a positive number of seconds (got {})",
                 req.duration_s
             )));
         }
-        let new_frames = ((req.duration_s * frame_rate).round() as usize).max(1);
-        let (prompt_codes, prompt_s) = match &req.prompt {
-            Some(audio) => (self.encode_prompt(audio)?, audio.duration_s()),
-            None => (Vec::new(), 0.0),
-        };
-        let seeds: Vec<u64> = (0..req.takes as u64)
-            .map(|i| req.seed.wrapping_add(i))
-            .collect();
-        let codes_request = CodesRequest {
-            condition: Condition::takes_of(&req.text, req.takes),
-            prompt: if prompt_codes.is_empty() {
-                Vec::new()
-            } else {
-                vec![prompt_codes; req.takes]
-            },
+        if let Some(prompt) = &req.prompt {
+            let bad = prompt.non_finite_count();
+            if bad > 0 {
+                return Err(JobError::Failed(format!(
+                    "the prompt audio has {bad} samples that are not numbers (NaN or infinity)"
+                )));
+            }
+        }
+        let new_frames = ((req.duration_s * self.musicgen.frame_rate()).round() as usize).max(1);
+        let audio_request = AudioRequest {
+            text: req.text.clone(),
+            prompt: req.prompt.clone(),
             new_frames,
             sampling: req.sampling.clone(),
-            seeds: seeds.clone(),
+            seed: req.seed,
+            takes: req.takes,
         };
-        let out = generate_codes(&self.musicgen, &codes_request, &mut |info| {
+        let out = generate_audio(&self.musicgen, &audio_request, &mut |info| {
             if cancel.load(Ordering::Relaxed) {
                 return Control::Stop;
             }
             let secs = info.elapsed.as_secs_f64();
-            progress(
-                info.step,
-                info.total,
-                if secs > 0.0 {
-                    info.step as f64 / secs
-                } else {
-                    0.0
-                },
-            );
+            let rate = if secs > 0.0 {
+                info.step as f64 / secs
+            } else {
+                0.0
+            };
+            progress(info.step, info.total, rate);
             Control::Continue
         });
         let out = match out {
@@ -870,68 +841,34 @@ impl LoadedModel {
             Err(GenerateError::Cancelled { .. }) => return Err(JobError::Cancelled),
             Err(e) => return Err(JobError::Failed(e.to_string())),
         };
-        // Decode prompt and continuation together, then cut at the boundary: the codec is not
-        // causal, and decoding the new frames alone would give their start no left context.
-        let device = self.codec.device().clone();
-        let codes = out.to_tensor(&device)?; // (takes, C*K, frames)
-        let audio = self.codec.decode_interleaved(&codes, channels)?; // (takes, C, frames * hop)
-        let start = out.prompt_frames * hop;
-        let len = out.new_frames * hop;
-        let audio = audio.narrow(2, start, len)?.to_dtype(DType::F32)?;
         let generation_s = started.elapsed().as_secs_f64();
-        let steps_per_s = out.timings.steps_per_second(out.steps);
-        let mut takes = Vec::with_capacity(req.takes);
-        for (t, seed) in seeds.iter().enumerate() {
-            let chans: Vec<Vec<f32>> = audio.get(t)?.to_vec2()?;
-            takes.push(Take {
-                audio: Audio {
-                    sample_rate: CODEC_RATE,
-                    channels: chans,
-                },
-                meta: TakeMeta {
-                    model: req.model.source.clone(),
-                    text: req.text.clone(),
-                    seed: *seed,
-                    sampling: req.sampling.clone(),
-                    prompt_s,
-                    duration_s: len as f64 / CODEC_RATE as f64,
-                    generation_s,
-                    steps_per_s,
-                    device: self.info.device.clone(),
-                },
-            });
-        }
-        Ok(takes)
-    }
-
-    /// Prompt audio of any rate and channel count -> undelayed codes `(codebooks, frames)` of
-    /// this model (mixed down or duplicated to its channels, resampled to 32 kHz).
-    fn encode_prompt(&self, audio: &Audio) -> Result<Vec<Vec<u32>>, JobError> {
-        audio
-            .validate()
-            .map_err(|e| JobError::Failed(format!("prompt audio: {e}")))?;
-        if audio.frames() == 0 {
-            return Err(JobError::Failed("the prompt audio is empty".into()));
-        }
-        let bad = audio.non_finite_count();
-        if bad > 0 {
-            return Err(JobError::Failed(format!(
-                "the prompt audio has {bad} samples that are not numbers (NaN or infinity)"
-            )));
-        }
-        let channels = self.info.channels;
-        let audio = resample(&audio.to_channels(channels), CODEC_RATE)
-            .map_err(|e| JobError::Failed(format!("prompt audio: {e}")))?;
-        let n = audio.frames();
-        let flat: Vec<f32> = audio.channels.concat();
-        let device = self.codec.device().clone();
-        let t = Tensor::from_vec(flat, (1, channels, n), &device)?; // (1, C, samples)
-        let codes = self.codec.encode_interleaved(&t, channels)?; // (1, C*K, frames)
-        Ok(codes.squeeze(0)?.to_vec2()?)
+        let steps_per_s = out.timings.generate.steps_per_second(out.steps);
+        let prompt_s = req.prompt.as_ref().map_or(0.0, Audio::duration_s);
+        Ok(out
+            .takes
+            .into_iter()
+            .map(|take| {
+                let audio = take.continuation();
+                Take {
+                    meta: TakeMeta {
+                        model: req.model.source.clone(),
+                        text: req.text.clone(),
+                        seed: take.seed,
+                        sampling: req.sampling.clone(),
+                        prompt_s,
+                        duration_s: audio.duration_s(),
+                        generation_s,
+                        steps_per_s,
+                        device: self.info.device.clone(),
+                    },
+                    audio,
+                    codes: take.codes,
+                    prompt_frames: out.prompt_frames,
+                }
+            })
+            .collect())
     }
 }
-
-const CODEC_RATE: u32 = 32_000;
 
 #[cfg(test)]
 mod tests {
