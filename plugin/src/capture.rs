@@ -111,6 +111,33 @@ pub struct PromptRequest {
     pub bars: f64,
     /// Length in seconds when the host gives no musical position.
     pub fallback_seconds: f64,
+    /// Cut as the history stood at this capture frame (exclusive; the frame where "generate" was
+    /// pressed: [`CaptureWriter::frames_written`] before the block plus the event's offset), so a
+    /// request served late does not pick a bar line passed after the press. `None`: now.
+    pub at_frame: Option<u64>,
+}
+
+impl PromptRequest {
+    /// The last `bars` bars (or `fallback_seconds` seconds) as the history stands now.
+    pub fn now(bars: f64, fallback_seconds: f64) -> PromptRequest {
+        PromptRequest {
+            bars,
+            fallback_seconds,
+            at_frame: None,
+        }
+    }
+}
+
+/// The transport as of the newest captured frame.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TransportNow {
+    /// Frames captured so far (the capture frame after the newest).
+    pub frames: u64,
+    /// The transport is running.
+    pub playing: bool,
+    /// Musical position after the newest frame (extrapolated from its block), tempo and
+    /// signature; `None` without a musical position.
+    pub grid: Option<Grid>,
 }
 
 /// Where the prompt ends on the musical timeline: the bar line a continuation is anchored at.
@@ -439,7 +466,7 @@ impl CaptureReader {
     /// Cuts the prompt region (see the module comment for what it is) and copies it out.
     /// Allocates; never call it on the audio thread.
     pub fn prompt(&self, request: &PromptRequest) -> Result<Prompt, CaptureError> {
-        let (published, segments) = self.segments()?;
+        let (published, segments) = self.segments(request.at_frame.unwrap_or(u64::MAX))?;
         let newest = segments.last().ok_or(CaptureError::Empty)?;
         if newest.grid.is_none() {
             return self.prompt_seconds(published, request.fallback_seconds);
@@ -487,13 +514,62 @@ impl CaptureReader {
         })
     }
 
-    /// A consistent list of the segments that cover published frames, oldest first, with the
-    /// published frame count they end at.
-    fn segments(&self) -> Result<(u64, Vec<Segment>), CaptureError> {
+    /// The transport after the newest captured frame (for the editor's playhead and for
+    /// choosing the bar line a growing take may start at). Cheap: reads one record. `None`
+    /// before anything was captured or if the writer raced ahead during every attempt.
+    pub fn transport_now(&self) -> Option<TransportNow> {
         let shared = &*self.shared;
         let cap = shared.record_capacity as u64;
         for _ in 0..READ_ATTEMPTS {
             let published = shared.frames_published.load(Ordering::Acquire);
+            let records = shared.records_published.load(Ordering::Acquire);
+            if published == 0 || records == 0 {
+                return None;
+            }
+            // The newest record that starts before `published` (a newer one may describe a
+            // block not yet published): one of the last two.
+            let mut found = None;
+            for i in (records.saturating_sub(2)..records).rev() {
+                let slot = (i % cap) as usize * RECORD_WORDS;
+                let mut w = [0u64; RECORD_WORDS];
+                for (k, word) in w.iter_mut().enumerate() {
+                    *word = shared.records[slot + k].load(Ordering::Relaxed);
+                }
+                if w[0] < published {
+                    found = Some((i, w));
+                    break;
+                }
+            }
+            fence(Ordering::Acquire);
+            let claimed = shared.records_claimed.load(Ordering::Relaxed);
+            let Some((i, w)) = found else { continue };
+            if claimed > i + cap {
+                continue;
+            }
+            let record = Record::decode(&w, shared.sample_rate);
+            let grid = record.grid.map(|g| {
+                if record.playing {
+                    g.advanced((published - record.start) as usize)
+                } else {
+                    g
+                }
+            });
+            return Some(TransportNow {
+                frames: published,
+                playing: record.playing,
+                grid,
+            });
+        }
+        None
+    }
+
+    /// A consistent list of the segments that cover published frames up to `limit`, oldest
+    /// first, with the frame count they end at.
+    fn segments(&self, limit: u64) -> Result<(u64, Vec<Segment>), CaptureError> {
+        let shared = &*self.shared;
+        let cap = shared.record_capacity as u64;
+        for _ in 0..READ_ATTEMPTS {
+            let published = shared.frames_published.load(Ordering::Acquire).min(limit);
             let records = shared.records_published.load(Ordering::Acquire);
             if published == 0 || records == 0 {
                 return Err(CaptureError::Empty);
@@ -801,10 +877,7 @@ mod tests {
     }
 
     fn request(bars: f64) -> PromptRequest {
-        PromptRequest {
-            bars,
-            fallback_seconds: 3.0,
-        }
+        PromptRequest::now(bars, 3.0)
     }
 
     fn assert_audio(prompt: &Prompt, start: u64) {
@@ -998,12 +1071,7 @@ mod tests {
             }
         );
         assert_audio(&prompt, 200_000 - 132_300);
-        let err = reader
-            .prompt(&PromptRequest {
-                bars: 4.0,
-                fallback_seconds: 10.0,
-            })
-            .unwrap_err();
+        let err = reader.prompt(&PromptRequest::now(4.0, 10.0)).unwrap_err();
         assert!(
             matches!(err, CaptureError::TooShortSeconds { .. }),
             "{err:?}"
@@ -1041,16 +1109,70 @@ mod tests {
         let none: [&[f32]; 0] = [];
         writer.write_block(&none, 50, &snap);
         let p = reader
-            .prompt(&PromptRequest {
-                bars: 1.0,
-                fallback_seconds: 150.0 / 44_100.0,
-            })
+            .prompt(&PromptRequest::now(1.0, 150.0 / 44_100.0))
             .unwrap();
         assert_eq!(p.span, SampleSpan { start: 0, end: 150 });
         for c in 0..2 {
             assert!(p.audio[c][..100].iter().all(|&x| x == 0.25));
             assert!(p.audio[c][100..].iter().all(|&x| x == 0.0));
         }
+    }
+
+    #[test]
+    fn a_request_pinned_to_its_press_ignores_later_bar_lines() {
+        let sr = 48_000.0;
+        let (mut writer, reader) = capture_pair(sr, 60.0);
+        let mut host = Host::new(sr, 120.0, Blocks::Fixed(256));
+        // "Generate" pressed in bar 5 (frame 400000); the request is served in bar 6.
+        host.run(&mut writer, 400_000);
+        let press = writer.frames_written();
+        host.run(&mut writer, 100_000);
+        let pinned = reader
+            .prompt(&PromptRequest {
+                at_frame: Some(press),
+                ..PromptRequest::now(4.0, 3.0)
+            })
+            .unwrap();
+        assert_eq!(
+            pinned.span,
+            SampleSpan {
+                start: 0,
+                end: 384_000
+            }
+        );
+        assert_eq!(pinned.anchor.unwrap().beats, 16.0);
+        let now = reader.prompt(&request(4.0)).unwrap();
+        assert_eq!(
+            now.span,
+            SampleSpan {
+                start: 96_000,
+                end: 480_000
+            }
+        );
+    }
+
+    #[test]
+    fn transport_now_follows_the_newest_block() {
+        let sr = 48_000.0;
+        let (mut writer, reader) = capture_pair(sr, 60.0);
+        assert_eq!(reader.transport_now(), None);
+        let mut host = Host::new(sr, 120.0, Blocks::Random(9));
+        host.run(&mut writer, 123_456);
+        let now = reader.transport_now().unwrap();
+        assert_eq!(now.frames, 123_456);
+        assert!(now.playing);
+        let g = now.grid.unwrap();
+        assert!((g.pos_beats - 123_456.0 / 24_000.0).abs() < 1e-9);
+        assert_eq!(g.tempo_bpm, 120.0);
+        host.playing = false;
+        host.run(&mut writer, 1_000);
+        let now = reader.transport_now().unwrap();
+        assert!(!now.playing);
+        assert_eq!(now.frames, 124_456);
+        host.tempo = None;
+        host.playing = true;
+        host.run(&mut writer, 1_000);
+        assert_eq!(reader.transport_now().unwrap().grid, None);
     }
 
     /// The reader copies while the writer keeps writing: every prompt it returns holds exactly
