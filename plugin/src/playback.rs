@@ -575,9 +575,17 @@ impl Player {
                         self.status.rate_mismatch.store(!ok, Ordering::Relaxed);
                         ok
                     });
+                    let same = match (&take, &self.selected) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    };
                     // The previous selection is dropped here: not the last reference.
                     self.selected = take;
                     match mode {
+                        // Re-selecting the playing take (the store re-sends its selection
+                        // after `attach`) does not restart it.
+                        PlaybackMode::Timeline if same => {}
                         PlaybackMode::Timeline => self.cut_main(),
                         PlaybackMode::NextBar => {
                             self.launch_pending = self.selected.is_some();
@@ -1398,6 +1406,23 @@ mod tests {
             assert_eq!(out[t], b[0][t]);
         }
         assert_eq!(player.status.playing_take(), Some(take_b.id()));
+    }
+
+    #[test]
+    fn reselecting_the_same_take_does_not_restart_it() {
+        let sr = 44_100.0;
+        let (mut player, mut handle) = player_pair(sr);
+        let mut sim = Sim::new(sr, 120.0, Blocks::Fixed(64));
+        let a = take_audio(20_000);
+        let take = Take::complete(TakeId::fresh(), sr, Some(16.0), &a).unwrap();
+        select(&mut handle, &take, None);
+        sim.timeline = 352_800;
+        sim.run(&mut player, &timeline(), 6_400);
+        select(&mut handle, &take, None);
+        sim.run(&mut player, &timeline(), 6_400);
+        for t in 0..12_800 {
+            assert_eq!(sim.out[0][t], a[0][t]);
+        }
     }
 
     #[test]

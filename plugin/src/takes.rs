@@ -387,6 +387,16 @@ pub enum StoreError {
     /// The player's command queue is full (the audio thread is not running); try again later.
     #[error("the audio thread's command queue is full")]
     QueueFull,
+    /// Audio of another channel count (or ragged channels).
+    #[error(
+        "audio with {got} channels (or channels of different lengths) for a take with {expected}"
+    )]
+    Shape {
+        /// Channels of the take.
+        expected: usize,
+        /// Channels given.
+        got: usize,
+    },
 }
 
 /// Every take of the plugin instance, its selection and the player's command queue. Lives on
@@ -465,6 +475,32 @@ impl TakeStore {
             not_before_beats,
         })?;
         self.selected = id;
+        Ok(())
+    }
+
+    /// Appends audio at the model's rate to a growing take's saved source (the host-rate audio
+    /// goes through its [`TakeWriter`]). Channel count and lengths must match the source.
+    pub fn append_source<S: AsRef<[f32]>>(
+        &mut self,
+        id: TakeId,
+        planar: &[S],
+    ) -> Result<(), StoreError> {
+        let entry = self
+            .entries
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or(StoreError::NoSuchTake(id))?;
+        let source = &mut entry.source.channels;
+        let frames = planar.first().map_or(0, |c| c.as_ref().len());
+        if planar.len() != source.len() || planar.iter().any(|c| c.as_ref().len() != frames) {
+            return Err(StoreError::Shape {
+                expected: source.len(),
+                got: planar.len(),
+            });
+        }
+        for (dst, src) in source.iter_mut().zip(planar) {
+            dst.extend_from_slice(src.as_ref());
+        }
         Ok(())
     }
 
@@ -1142,6 +1178,16 @@ mod tests {
         assert_eq!(store.collect_garbage(), 0);
         assert!(weak.upgrade().is_none());
         assert_eq!(store.entries().len(), 1);
+        // A growing take's source grows with it.
+        store.append_source(b, &[[0.5f32; 10], [0.25; 10]]).unwrap();
+        assert_eq!(store.get(b).unwrap().source.frames(), 1_010);
+        assert!(matches!(
+            store.append_source(b, &[[0.5f32; 10]]),
+            Err(StoreError::Shape {
+                expected: 2,
+                got: 1
+            })
+        ));
     }
 
     fn player_status(store: &TakeStore) -> Arc<crate::playback::PlayerStatus> {
