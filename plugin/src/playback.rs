@@ -966,6 +966,8 @@ mod tests {
         blocks: Blocks,
         /// `(output frame, velocity or None for a note-off, note)`.
         notes: Vec<(usize, Option<f32>, u8)>,
+        /// Captures `input(frame)` before the player runs, as `process()` will.
+        capture: Option<crate::capture::CaptureWriter>,
         out: [Vec<f32>; 2],
         buf: [Vec<f32>; 2],
     }
@@ -981,6 +983,7 @@ mod tests {
                 split_loops: true,
                 blocks,
                 notes: Vec::new(),
+                capture: None,
                 out: [Vec::new(), Vec::new()],
                 buf: [vec![0.0; 4096], vec![0.0; 4096]],
             }
@@ -1029,6 +1032,15 @@ mod tests {
                 let snap = self.snapshot();
                 let notes = &self.notes;
                 let [b0, b1] = &mut self.buf;
+                for i in 0..len {
+                    b0[i] = input(start + i);
+                    b1[i] = -input(start + i);
+                }
+                if let Some(writer) = &mut self.capture {
+                    let chans = [&b0[..len], &b1[..len]];
+                    assert_no_alloc(|| writer.write_block(&chans, len, &snap));
+                }
+                // The player adds to the output; this host starts from silence (no monitoring).
                 b0[..len].fill(0.0);
                 b1[..len].fill(0.0);
                 let mut chans: [&mut [f32]; 2] = [&mut b0[..len], &mut b1[..len]];
@@ -1056,6 +1068,11 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What the host plays into the plugin at output frame `frame` (channel 1 is its negative).
+    fn input(frame: usize) -> f32 {
+        ((frame % 10_007) as f32 + 1.0) / 16_384.0
     }
 
     fn select(handle: &mut PlayerHandle, take: &Arc<Take>, not_before: Option<f64>) {
@@ -1467,6 +1484,92 @@ mod tests {
         }
         assert!(!player.status.waiting());
         assert_eq!(player.status.underruns(), 1);
+    }
+
+    /// Capture, prompt, take, store and player together, as `process()` and the generation
+    /// thread will use them: after a 4-bar phrase the continuation starts on the first sample
+    /// of bar 5, and it survives a state round trip.
+    #[test]
+    fn captured_phrase_to_continuation_on_bar_five() {
+        use crate::capture::{capture_pair, PromptRequest};
+        use crate::takes::{decode_state, encode_state, SourceAudio, TakeEntry, TakeStore};
+        for &(sr, tempo) in &[(44_100.0, 120.0), (48_000.0, 97.0)] {
+            for blocks in [Blocks::Fixed(64), Blocks::Fixed(512), Blocks::Random(77)] {
+                // activate()
+                let (writer, reader) = capture_pair(sr, 60.0);
+                let (mut player, handle) = player_pair(sr);
+                let mut store = TakeStore::new();
+                store.attach(handle).unwrap();
+                let mut sim = Sim::new(sr, tempo, blocks);
+                sim.capture = Some(writer);
+                // The musician plays bars 1-4 and presses "generate" early in bar 5.
+                let bar5 = sim.at(16.0) as usize;
+                sim.run(&mut player, &timeline(), bar5 + 1_000);
+                let press = sim.capture.as_ref().unwrap().frames_written() - 500;
+                // The generation thread: the prompt, then (standing in for the model) a
+                // continuation that is the prompt's first bar, at the host rate.
+                let prompt = reader
+                    .prompt(&PromptRequest {
+                        at_frame: Some(press),
+                        ..PromptRequest::now(4.0, 8.0)
+                    })
+                    .unwrap();
+                assert_eq!(prompt.span.start, 0);
+                assert_eq!(prompt.span.end as usize, bar5);
+                for (i, &x) in prompt.audio[0].iter().enumerate() {
+                    assert_eq!(x, input(i));
+                }
+                let anchor = prompt.anchor.unwrap();
+                let len = sim.at(4.0) as usize;
+                let continuation: Vec<Vec<f32>> =
+                    prompt.audio.iter().map(|c| c[..len].to_vec()).collect();
+                let id = TakeId::fresh();
+                let take = Take::complete(id, sr, Some(anchor.beats), &continuation).unwrap();
+                store.insert(TakeEntry {
+                    id,
+                    name: "take 1".to_owned(),
+                    info: Default::default(),
+                    anchor: None,
+                    source: SourceAudio {
+                        sample_rate: sr as u32,
+                        channels: continuation.clone(),
+                    },
+                    take,
+                });
+                store.select(Some(id), None).unwrap();
+                // The host goes back to bar 4 and plays on: the take continues bar 4 on bar 5.
+                sim.timeline = sim.at(12.0);
+                let s = sim.frame();
+                sim.run(&mut player, &timeline(), 2 * len);
+                let first = s + (bar5 - sim.at(12.0) as usize);
+                let fade = player.fade_frames();
+                for c in 0..2 {
+                    assert!(sim.out[c][s + fade..first].iter().all(|&x| x == 0.0));
+                    for j in 0..len {
+                        let expected = continuation[c][j] * tail(len - j, fade);
+                        assert_eq!(sim.out[c][first + j], expected, "frame {j}");
+                    }
+                }
+                // Saved and loaded (16-bit): a new store plays it again at the same place.
+                let json = encode_state(&store.to_state()).unwrap();
+                let (mut player, handle) = player_pair(sr);
+                let mut loaded = TakeStore::new();
+                let errors = loaded.restore(decode_state(&json).unwrap(), |id, saved| {
+                    Take::complete(id, sr, Some(anchor.beats), &saved.source.channels)
+                });
+                assert!(errors.is_empty());
+                loaded.attach(handle).unwrap();
+                let restored = loaded.entries()[0].take.to_planar();
+                sim.timeline = sim.at(15.0);
+                let s = sim.frame();
+                sim.run(&mut player, &timeline(), 2 * len);
+                let first = s + (bar5 - sim.at(15.0) as usize);
+                for j in 0..len - fade {
+                    assert_eq!(sim.out[0][first + j], restored[0][j]);
+                    assert!((restored[0][j] - continuation[0][j]).abs() < 1.0 / 32767.0);
+                }
+            }
+        }
     }
 
     #[test]
