@@ -370,7 +370,9 @@ impl CaptureWriter {
             return;
         }
         let shared = &*self.shared;
-        let grid = transport.grid(shared.sample_rate);
+        let grid = transport
+            .grid(shared.sample_rate)
+            .filter(|g| g.pos_beats.is_finite() && g.origin_beats.is_finite());
         let start = self.written;
         let end = start + frames as u64;
         let new_segment = match &self.open {
@@ -1173,6 +1175,33 @@ mod tests {
         host.playing = true;
         host.run(&mut writer, 1_000);
         assert_eq!(reader.transport_now().unwrap().grid, None);
+    }
+
+    #[test]
+    fn absurd_host_positions_are_survived() {
+        let (mut writer, reader) = capture_pair(48_000.0, 60.0);
+        let input = [vec![0.1f32; 256], vec![0.2f32; 256]];
+        for pos in [f64::INFINITY, f64::NAN, 1e300, -1e300, 0.0, 3.999_999_999] {
+            for tempo in [120.0, 1e-300, 1e300, f64::NAN] {
+                for (n, d) in [(4, 4), (0, 0), (u32::MAX as i32, 1)] {
+                    let snap = TransportSnapshot {
+                        playing: true,
+                        tempo_bpm: Some(tempo),
+                        time_sig: Some(TimeSig {
+                            numerator: n as u32,
+                            denominator: d,
+                        }),
+                        pos_beats: Some(pos),
+                        bar_start_beats: Some(pos),
+                        bar_number: Some(i64::MAX),
+                        ..TransportSnapshot::default()
+                    };
+                    assert_no_alloc(|| writer.write_block(&input, 256, &snap));
+                    let _ = reader.prompt(&request(4.0));
+                    let _ = reader.transport_now();
+                }
+            }
+        }
     }
 
     /// The reader copies while the writer keeps writing: every prompt it returns holds exactly

@@ -537,7 +537,7 @@ impl Player {
         self.drain_commands(settings.mode);
         let grid = transport
             .grid(self.sample_rate)
-            .filter(|_| transport.playing);
+            .filter(|g| transport.playing && g.pos_beats.is_finite() && g.origin_beats.is_finite());
         if n > 0 {
             let continuous = match (self.last_end_beats, grid) {
                 (Some(end), Some(g)) => continues_at(end, g.pos_beats, g.samples_per_beat),
@@ -735,8 +735,8 @@ impl Player {
                 self.start_main(take, t, t > 0, 1.0, margin);
             }
             self.render(out, 0, n);
-        } else if ((-t0) as u64) < n as u64 {
-            let o = (-t0) as usize;
+        } else if t0.unsigned_abs() < n as u64 {
+            let o = t0.unsigned_abs() as usize;
             self.render(out, 0, o);
             self.start_main(take, 0, false, 1.0, margin);
             self.render(out, o, n);
@@ -1581,6 +1581,47 @@ mod tests {
         sim.run(&mut player, &timeline(), 2_000);
         assert!(sim.out[0].iter().all(|&x| x == 0.0));
         assert!(player.status.rate_mismatch());
+    }
+
+    #[test]
+    fn absurd_host_positions_are_survived() {
+        let sr = 48_000.0;
+        let (mut player, mut handle) = player_pair(sr);
+        let take = Take::complete(TakeId::fresh(), sr, Some(16.0), &take_audio(1000)).unwrap();
+        select(&mut handle, &take, None);
+        let mut out = [vec![0.0f32; 64], vec![0.0f32; 64]];
+        for pos in [
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            1e300,
+            -1e300,
+            f64::MAX,
+        ] {
+            for tempo in [120.0, 1e-300, 1e300, f64::NAN] {
+                let snap = TransportSnapshot {
+                    playing: true,
+                    tempo_bpm: Some(tempo),
+                    pos_beats: Some(pos),
+                    bar_start_beats: Some(pos),
+                    ..TransportSnapshot::default()
+                };
+                for mode in [
+                    PlaybackMode::Timeline,
+                    PlaybackMode::NextBar,
+                    PlaybackMode::Midi,
+                ] {
+                    let settings = PlayerSettings {
+                        mode,
+                        quantise: MidiQuantise::NextBeat,
+                        ..PlayerSettings::default()
+                    };
+                    player.note_on(3, 60, 1.0);
+                    player.process(&mut out, &snap, &settings);
+                    assert!(out.iter().flatten().all(|x| x.is_finite()));
+                }
+            }
+        }
     }
 
     #[test]

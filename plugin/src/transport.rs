@@ -104,7 +104,8 @@ pub fn bar_index(
     origin_beats: f64,
     origin_bar: i64,
 ) -> i64 {
-    origin_bar + ((bar_line_beats - origin_beats) / beats_per_bar).round() as i64
+    // Saturating: a host's absurd bar number must not panic (overflow checks in debug builds).
+    origin_bar.saturating_add(((bar_line_beats - origin_beats) / beats_per_bar).round() as i64)
 }
 
 /// A grid line (bar line, or beat with `grid = 1.0`) whose first sample falls inside a block.
