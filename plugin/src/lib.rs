@@ -8,9 +8,12 @@
 use nice_plug::prelude::*;
 use std::sync::Arc;
 
+pub mod capture;
 pub mod dsp;
 pub mod editor;
 pub mod params;
+pub mod playback;
+pub mod takes;
 pub mod transport;
 
 use params::SegueParams;

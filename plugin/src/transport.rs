@@ -104,7 +104,8 @@ pub fn bar_index(
     origin_beats: f64,
     origin_bar: i64,
 ) -> i64 {
-    origin_bar + ((bar_line_beats - origin_beats) / beats_per_bar).round() as i64
+    // Saturating: a host's absurd bar number must not panic (overflow checks in debug builds).
+    origin_bar.saturating_add(((bar_line_beats - origin_beats) / beats_per_bar).round() as i64)
 }
 
 /// A grid line (bar line, or beat with `grid = 1.0`) whose first sample falls inside a block.
@@ -353,6 +354,30 @@ impl Grid {
     }
 }
 
+/// The frame of a take that sounds at the musical position `pos_beats`, for a take whose frame 0
+/// is the first sample at or after `anchor_beats`, at `samples_per_beat`. Negative before the
+/// anchor. For a block starting at `pos_beats`, frame `i` of the block plays take frame
+/// `take_frame_at(pos_beats, ..) + i`; the take's first frame falls on the block's sample
+/// `-take_frame_at(..)`, the same sample [`first_sample_at_or_after`] gives for the anchor.
+#[inline]
+pub fn take_frame_at(pos_beats: f64, anchor_beats: f64, samples_per_beat: f64) -> i64 {
+    ((pos_beats - anchor_beats) * samples_per_beat + SAMPLE_EPSILON).floor() as i64
+}
+
+/// Position in beats just after a block of `len` samples that started at `pos_beats`.
+#[inline]
+pub fn block_end_beats(pos_beats: f64, len: usize, samples_per_beat: f64) -> f64 {
+    pos_beats + len as f64 / samples_per_beat
+}
+
+/// True when a block starting at `pos_beats` continues the previous block, which ended at
+/// `expected_beats` ([`block_end_beats`]): within half a sample. Anything else is a seek, a loop
+/// jump or a host that skipped time.
+#[inline]
+pub fn continues_at(expected_beats: f64, pos_beats: f64, samples_per_beat: f64) -> bool {
+    ((pos_beats - expected_beats) * samples_per_beat).abs() <= 0.5
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,5 +604,34 @@ mod tests {
         assert_eq!(g.bar_line_in_block(40_000).unwrap().offset, 33_075);
         assert_eq!(g.beat_in_block(40_000).unwrap().offset, 11_025);
         assert!(TransportSnapshot::default().grid(44_100.0).is_none());
+    }
+
+    #[test]
+    fn take_frame_matches_first_sample_of_the_anchor() {
+        for &sr in &[44_100.0, 48_000.0] {
+            for &tempo in &[120.0, 97.0] {
+                let spb = samples_per_beat(tempo, sr);
+                let anchor = 16.0;
+                let first = first_sample_at_or_after(anchor * spb);
+                // Blocks starting before, on and after the anchor's first sample.
+                for start in [first - 1000, first - 1, first, first + 1, first + 777] {
+                    let t = take_frame_at(start as f64 / spb, anchor, spb);
+                    assert_eq!(start - t, first, "sr {sr} tempo {tempo} start {start}");
+                }
+            }
+        }
+        assert_eq!(take_frame_at(4.0, 4.0, 22_050.0), 0);
+        assert_eq!(take_frame_at(3.0, 4.0, 22_050.0), -22_050);
+        assert_eq!(take_frame_at(5.5, 4.0, 22_050.0), 33_075);
+    }
+
+    #[test]
+    fn continuity_within_half_a_sample() {
+        let spb = samples_per_beat(97.0, 44_100.0);
+        let end = block_end_beats(3.0, 512, spb);
+        assert!(continues_at(end, end, spb));
+        assert!(continues_at(end, end + 0.4 / spb, spb));
+        assert!(!continues_at(end, end + 0.6 / spb, spb));
+        assert!(!continues_at(end, 0.0, spb));
     }
 }
