@@ -30,7 +30,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::audio::Audio;
 use crate::generate::{generate_audio, AudioRequest, Control, GenerateError};
 use crate::hub::{self, HubProgress, ModelFiles};
-use crate::model::Musicgen;
+use crate::model::{GenerationConfig, Musicgen};
 use crate::sampling::SamplingParams;
 
 /// Errors of the service itself (a job's errors arrive as [`EventKind::Failed`]).
@@ -141,6 +141,8 @@ pub enum LoadStage {
         bytes: u64,
         total: Option<u64>,
     },
+    /// A file finished downloading (or was found complete in the cache).
+    Downloaded { file: String },
     /// Reading the weights into memory.
     Loading,
 }
@@ -197,13 +199,18 @@ pub struct ModelInfo {
     pub max_duration_s: f64,
     /// Whether the weights were loaded by this job (false: shared with an earlier one).
     pub freshly_loaded: bool,
+    /// The checkpoint's own sampling defaults (`generation_config.json`).
+    pub defaults: GenerationConfig,
 }
 
 /// One finished take: the new audio and how it was made.
 #[derive(Clone, Debug)]
 pub struct Take {
-    /// The continuation only (the prompt is not repeated), 32 kHz, the model's channels.
+    /// The decode of every code, prompt first, 32 kHz, the model's channels;
+    /// [`Take::continuation`] is the new part.
     pub audio: Audio,
+    /// Samples of `audio` that belong to the prompt.
+    pub prompt_samples: usize,
     /// Every undelayed code, prompt first: `(codebooks, prompt_frames + new frames)` (stereo
     /// interleaved left/right). What an "extend" continues from, and what a streaming decode
     /// re-decodes.
@@ -224,10 +231,28 @@ pub struct TakeMeta {
     pub prompt_s: f64,
     /// Seconds of new audio.
     pub duration_s: f64,
-    /// Wall-clock seconds the whole batch took, and its decoder speed.
+    /// Wall-clock seconds the whole batch took, its decoder steps and their speed.
     pub generation_s: f64,
+    pub steps: usize,
     pub steps_per_s: f64,
     pub device: String,
+    /// The text was longer than the tokenizer's limit and was cut.
+    pub text_truncated: bool,
+}
+
+impl Take {
+    /// Only the new audio (after the prompt).
+    pub fn continuation(&self) -> Audio {
+        Audio {
+            sample_rate: self.audio.sample_rate,
+            channels: self
+                .audio
+                .channels
+                .iter()
+                .map(|c| c[self.prompt_samples.min(c.len())..].to_vec())
+                .collect(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -760,13 +785,12 @@ impl LoadedModel {
             });
         }
         let files = hub::resolve(&spec.source, &mut |p| {
-            if let HubProgress::Downloading { file, bytes, total } = p {
-                send(EventKind::Load(LoadStage::Downloading {
-                    file,
-                    bytes,
-                    total,
-                }));
-            }
+            send(EventKind::Load(match p {
+                HubProgress::Downloading { file, bytes, total } => {
+                    LoadStage::Downloading { file, bytes, total }
+                }
+                HubProgress::Done { file } => LoadStage::Downloaded { file },
+            }))
         })
         .map_err(|e| JobError::Failed(format!("model {}: {e}", spec.source)))?;
         if cancel.load(Ordering::Relaxed) {
@@ -787,6 +811,7 @@ impl LoadedModel {
             channels: musicgen.channels(),
             max_duration_s: musicgen.max_frames() as f64 / musicgen.frame_rate(),
             freshly_loaded: true,
+            defaults: musicgen.generation_config().clone(),
         };
         Ok(Self { musicgen, info })
     }
@@ -847,24 +872,25 @@ impl LoadedModel {
         Ok(out
             .takes
             .into_iter()
-            .map(|take| {
-                let audio = take.continuation();
-                Take {
-                    meta: TakeMeta {
-                        model: req.model.source.clone(),
-                        text: req.text.clone(),
-                        seed: take.seed,
-                        sampling: req.sampling.clone(),
-                        prompt_s,
-                        duration_s: audio.duration_s(),
-                        generation_s,
-                        steps_per_s,
-                        device: self.info.device.clone(),
-                    },
-                    audio,
-                    codes: take.codes,
-                    prompt_frames: out.prompt_frames,
-                }
+            .map(|take| Take {
+                meta: TakeMeta {
+                    model: req.model.source.clone(),
+                    text: req.text.clone(),
+                    seed: take.seed,
+                    sampling: req.sampling.clone(),
+                    prompt_s,
+                    duration_s: (take.audio.frames() - take.prompt_samples) as f64
+                        / f64::from(take.audio.sample_rate),
+                    generation_s,
+                    steps: out.steps,
+                    steps_per_s,
+                    device: self.info.device.clone(),
+                    text_truncated: out.text_truncated,
+                },
+                audio: take.audio,
+                prompt_samples: take.prompt_samples,
+                codes: take.codes,
+                prompt_frames: out.prompt_frames,
             })
             .collect())
     }
@@ -971,8 +997,10 @@ mod tests {
         for take in takes {
             assert_eq!(take.audio.sample_rate, 32_000);
             assert_eq!(take.audio.channels.len(), 1);
-            // 0.3 s = 15 frames of 640 samples.
-            assert_eq!(take.audio.frames(), 15 * 640);
+            // 0.3 s = 15 frames of 640 samples, after no prompt.
+            assert_eq!(take.prompt_samples, 0);
+            assert_eq!(take.continuation().frames(), 15 * 640);
+            assert_eq!(take.codes[0].len(), 15);
             assert!(take.audio.channels[0].iter().all(|s| s.is_finite()));
         }
         assert_ne!(
@@ -1003,7 +1031,12 @@ mod tests {
         };
         let (ta, tb) = (take(a), take(b));
         assert_eq!(ta.audio.channels.len(), 2);
-        assert_eq!(ta.audio.frames(), 10 * 640);
+        // 9000 samples at 44.1 kHz = 6531 at 32 kHz = 11 frames (rounded up) of prompt.
+        assert_eq!(ta.prompt_frames, 11);
+        assert_eq!(ta.prompt_samples, 11 * 640);
+        assert_eq!(ta.continuation().frames(), 10 * 640);
+        assert_eq!(ta.codes.len(), 8);
+        assert_eq!(ta.codes[0].len(), 21);
         assert!((ta.meta.prompt_s - 9000.0 / 44_100.0).abs() < 1e-9);
         assert_eq!(
             ta.audio, tb.audio,

@@ -302,3 +302,34 @@ fn bad_inputs_are_clear_errors() {
         run.stderr
     );
 }
+
+#[test]
+fn a_gpu_request_runs_on_the_gpu_or_falls_back_to_the_cpu_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.wav");
+    let m = model("mono");
+    let run = segue(
+        &[
+            "--model",
+            &m,
+            "--device",
+            "cuda",
+            "--frames",
+            "3",
+            "--greedy",
+            "--out",
+            p(&out),
+        ],
+        &[],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    let warned = run.stderr.contains("warning") && run.stderr.contains("CPU");
+    // Builds without the `cuda` feature, and machines without a GPU, must say so and go on.
+    assert_eq!(
+        warned,
+        !candle_core::utils::cuda_is_available(),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(read_wav(&out).unwrap().frames(), 3 * 640);
+}

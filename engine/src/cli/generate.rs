@@ -3,13 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
 use segue_engine::audio;
 use segue_engine::codec::CodesFile;
-use segue_engine::generate::{generate_audio, AudioRequest, Control, GenerateError};
-use segue_engine::hub;
-use segue_engine::model::Musicgen;
+use segue_engine::hub::HubProgress;
 use segue_engine::sampling::SamplingParams;
+use segue_engine::service::{
+    Client, DTypeChoice, DeviceChoice, Engine, EventKind, GenerateRequest, JobId, LoadStage,
+    ModelSpec, Policy,
+};
 
 use super::codec::hub_progress;
 
@@ -85,33 +86,22 @@ pub enum DtypeArg {
 }
 
 impl DtypeArg {
-    fn dtype(self) -> DType {
+    fn choice(self) -> DTypeChoice {
         match self {
-            Self::F32 => DType::F32,
-            Self::F16 => DType::F16,
-            Self::Bf16 => DType::BF16,
+            Self::F32 => DTypeChoice::F32,
+            Self::F16 => DTypeChoice::F16,
+            Self::Bf16 => DTypeChoice::Bf16,
         }
     }
 }
 
-/// The device asked for; `auto` picks CUDA, then Metal, then the CPU and says which.
-pub fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
-    match arg {
-        DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => Device::new_cuda(0).context("--device cuda"),
-        DeviceArg::Metal => Device::new_metal(0).context("--device metal"),
-        DeviceArg::Auto => {
-            let dev = if let Ok(d) = Device::new_cuda(0) {
-                eprintln!("device: CUDA GPU 0");
-                d
-            } else if let Ok(d) = Device::new_metal(0) {
-                eprintln!("device: Metal GPU 0");
-                d
-            } else {
-                eprintln!("device: CPU (no CUDA or Metal device available in this build)");
-                Device::Cpu
-            };
-            Ok(dev)
+impl DeviceArg {
+    fn choice(self) -> DeviceChoice {
+        match self {
+            Self::Cpu => DeviceChoice::Cpu,
+            Self::Cuda => DeviceChoice::Cuda(0),
+            Self::Metal => DeviceChoice::Metal,
+            Self::Auto => DeviceChoice::Auto,
         }
     }
 }
@@ -175,20 +165,43 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         Some(p) => Some(audio::read_wav(p)?),
         None => None,
     };
-    let device = select_device(args.device)?;
-
-    let files = hub::resolve(&args.model, &mut hub_progress())?;
-    let model = Musicgen::load(&files, args.dtype.dtype(), &device)
-        .with_context(|| format!("loading {}", args.model))?;
+    // The same inference service the plugin uses: load, then generate, reading its events.
+    let engine = Engine::new()?;
+    let client = engine.client();
+    let spec = ModelSpec {
+        source: args.model.clone(),
+        device: args.device.choice(),
+        dtype: args.dtype.choice(),
+    };
+    let load = client.load(spec.clone(), Policy::Queue);
+    let mut download = hub_progress();
+    let mut info = None;
+    loop {
+        match next_event(&client, load)? {
+            EventKind::Load(LoadStage::Downloading { file, bytes, total }) => {
+                download(HubProgress::Downloading { file, bytes, total })
+            }
+            EventKind::Load(LoadStage::Downloaded { file }) => download(HubProgress::Done { file }),
+            EventKind::DeviceFallback { reason, .. } => eprintln!("warning: {reason}"),
+            EventKind::ModelReady(ready) => info = Some(ready),
+            EventKind::Loaded => break,
+            EventKind::Failed(msg) => bail!("{msg}"),
+            EventKind::Cancelled => bail!("loading {} was cancelled", args.model),
+            _ => {}
+        }
+    }
+    let info = info.context("the engine loaded the model without describing it")?;
+    if args.device == DeviceArg::Auto {
+        eprintln!("device: {}", info.device);
+    }
     // The checkpoint's own defaults where the command line says nothing.
-    let gen = model.generation_config();
     if args.top_k.is_none() {
-        if let Some(k) = gen.top_k {
+        if let Some(k) = info.defaults.top_k {
             sampling.top_k = k;
         }
     }
     if args.cfg.is_none() {
-        if let Some(g) = gen.guidance_scale {
+        if let Some(g) = info.defaults.guidance_scale {
             sampling.guidance_scale = g;
         }
     }
@@ -203,45 +216,59 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.seed.is_none() {
         eprintln!("seed: {seed}");
     }
-    let req = AudioRequest {
+    let frame_rate = 50.0;
+    let request = GenerateRequest {
+        model: spec,
         text: args.prompt.clone(),
         prompt: prompt_audio,
-        new_frames,
+        duration_s: new_frames as f64 / frame_rate,
         sampling,
         seed,
         takes: args.takes,
     };
+    let job = client.generate(request, Policy::Queue);
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{wide_bar} {pos}/{len} steps {per_sec} ETA {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let result = generate_audio(&model, &req, &mut |info| {
-        if bar.length() != Some(info.total as u64) {
-            bar.set_length(info.total as u64);
-            bar.reset_elapsed();
+    let takes = loop {
+        match next_event(&client, job) {
+            Ok(EventKind::Progress { step, total, .. }) => {
+                if bar.length() != Some(total as u64) {
+                    bar.set_length(total as u64);
+                    bar.reset_elapsed();
+                }
+                bar.set_position(step as u64);
+            }
+            Ok(EventKind::Finished(takes)) => break takes,
+            Ok(EventKind::Failed(msg)) => {
+                bar.finish_and_clear();
+                if args.input.is_some() && msg.contains("allows at most") {
+                    bail!("the prompt audio plus the new audio is too long: {msg}");
+                }
+                bail!("{msg}");
+            }
+            Ok(EventKind::Cancelled) => {
+                bar.finish_and_clear();
+                bail!("the generation was cancelled");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                bar.finish_and_clear();
+                return Err(e);
+            }
         }
-        bar.set_position(info.step as u64);
-        Control::Continue
-    });
-    bar.finish_and_clear();
-    let out = match result {
-        Ok(out) => out,
-        Err(e @ GenerateError::TooLong { .. }) if args.input.is_some() => {
-            return Err(
-                anyhow::Error::new(e).context("the prompt audio plus the new audio is too long")
-            )
-        }
-        Err(e) => return Err(e.into()),
     };
-    if out.text_truncated {
+    bar.finish_and_clear();
+    if takes.iter().any(|t| t.meta.text_truncated) {
         eprintln!(
             "warning: the prompt text is longer than {} tokens and was truncated",
             segue_engine::text::MAX_TEXT_TOKENS
         );
     }
-    let n = out.takes.len();
-    for (i, take) in out.takes.iter().enumerate() {
+    let n = takes.len();
+    for (i, take) in takes.iter().enumerate() {
         let audio = if args.include_prompt {
             take.audio.clone()
         } else {
@@ -251,26 +278,36 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         audio::write_wav_f32(&path, &audio)?;
         if let Some(codes_out) = &args.codes_out {
             let file = CodesFile {
-                frame_rate: model.frame_rate().round() as u32,
-                prompt_frames: out.prompt_frames,
+                frame_rate: frame_rate as u32,
+                prompt_frames: take.prompt_frames,
                 codes: take.codes.clone(),
             };
             let codes_path = numbered(codes_out, i + 1, n);
             file.write(&codes_path)?;
         }
-        eprintln!("wrote {} (seed {})", path.display(), take.seed);
+        eprintln!("wrote {} (seed {})", path.display(), take.meta.seed);
     }
-    let t = out.timings;
-    eprintln!(
-        "{} steps in {:.1} s ({:.2} steps/s); text {:.2} s, prompt encode {:.2} s, decode {:.2} s",
-        out.steps,
-        t.generate.prefill.as_secs_f64() + t.generate.steps.as_secs_f64(),
-        t.generate.steps_per_second(out.steps),
-        t.generate.text.as_secs_f64(),
-        t.encode.as_secs_f64(),
-        t.decode.as_secs_f64()
-    );
+    if let Some(first) = takes.first() {
+        let m = &first.meta;
+        eprintln!(
+            "{} steps at {:.2} steps/s on {}; {:.1} s in all",
+            m.steps, m.steps_per_s, m.device, m.generation_s
+        );
+    }
     Ok(())
+}
+
+/// The next event of `job` (events of other jobs are not expected on this client).
+fn next_event(client: &Client, job: JobId) -> anyhow::Result<EventKind> {
+    loop {
+        let event = client
+            .events
+            .recv()
+            .context("the inference engine stopped unexpectedly")?;
+        if event.job == job {
+            return Ok(event.kind);
+        }
+    }
 }
 
 #[cfg(test)]
