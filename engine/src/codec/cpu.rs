@@ -8,7 +8,6 @@
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-
 /// Activations on the host, `(batch, channels, time)` row-major, owned.
 #[derive(Clone, Debug)]
 pub(crate) struct Act {
