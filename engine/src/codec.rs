@@ -388,7 +388,14 @@ impl Encodec {
         if n == 0 {
             return Err(CodecError::Input("audio has no samples".into()));
         }
-        Ok(audio.to_dtype(DType::F32)?.to_device(&self.device)?)
+        let audio = audio.to_dtype(DType::F32)?.to_device(&self.device)?;
+        // NaN or infinity anywhere makes the sum non-finite (a max would skip NaN).
+        if !audio.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            return Err(CodecError::Input(
+                "audio contains NaN or infinite samples".into(),
+            ));
+        }
+        Ok(audio)
     }
 
     /// SEANet encoder only: (batch, 1, samples) -> embeddings (batch, hidden_size, frames).

@@ -27,7 +27,7 @@ the model";
 pub enum HubError {
     #[error("model folder {dir} has no {file}; {MANUAL_HINT}")]
     MissingLocalFile { dir: PathBuf, file: String },
-    #[error("model folder {0} does not exist")]
+    #[error("model folder {0} does not exist (or is not a folder)")]
     NoSuchFolder(PathBuf),
     #[error(
         "{0:?} is neither an existing folder nor a Hub model id like \"facebook/musicgen-small\""

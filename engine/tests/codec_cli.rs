@@ -350,3 +350,35 @@ fn bad_inputs_give_one_clear_error_line() {
     .unwrap();
     decode(&d("rate.json"), &["rate.json", "frame_rate 75"]);
 }
+
+#[test]
+fn bench_codec_runs_without_download() {
+    // Full-size random-weight codec on a tenth of a second of audio: proves the benchmark
+    // builds the real topology offline and reports both directions.
+    let out = Command::new(env!("CARGO_BIN_EXE_segue"))
+        .args([
+            "bench",
+            "--only",
+            "codec",
+            "--codec-seconds",
+            "0.1",
+            "--codec-runs",
+            "1",
+        ])
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("full-size 32 kHz EnCodec"), "{stdout}");
+    for what in ["codec encode: wall", "codec decode: wall"] {
+        assert!(
+            stdout.contains(what) && stdout.contains("x real time"),
+            "{stdout}"
+        );
+    }
+}

@@ -299,6 +299,10 @@ fn decode_checks_codes() {
         .unwrap_err()
         .to_string()
         .contains("negative"));
+    let mut v = vec![0.1f32; 700];
+    v[650] = f32::NAN;
+    let a = Tensor::from_vec(v, (1, 1, 700), &Device::Cpu).unwrap();
+    assert!(codec.encode(&a).unwrap_err().to_string().contains("NaN"));
     let a = Tensor::zeros((1, 2, 100), DType::F32, &Device::Cpu).unwrap();
     assert!(codec
         .encode(&a)

@@ -128,6 +128,9 @@ pub(crate) fn pad1d(
 pub struct Conv1d {
     /// (out_channels, in_channels, kernel)
     weight: Tensor,
+    /// (kernel, out_channels, in_channels) contiguous, for the host kernels (CPU only): each
+    /// tap's matrix is contiguous, so GEMM packs it with sequential reads.
+    weight_taps: Option<Tensor>,
     /// (1, out_channels, 1)
     bias: Tensor,
     kernel: usize,
@@ -151,8 +154,14 @@ impl Conv1d {
         let vb = vb.pp("conv");
         let weight = weight_norm(&vb, &[out_c, in_c, kernel], out_c, 0)?;
         let bias = get(&vb, &[out_c], "bias")?.reshape((1, out_c, 1))?;
+        let weight_taps = if weight.device().is_cpu() {
+            Some(weight.permute((2, 0, 1))?.contiguous()?)
+        } else {
+            None
+        };
         Ok(Self {
             weight,
+            weight_taps,
             bias,
             kernel,
             stride,
@@ -186,11 +195,14 @@ impl Conv1d {
     /// [`Self::forward`] on host buffers, with `elu(x)` as input when `elu_first`.
     pub(crate) fn forward_host(&self, xs: &Act, elu_first: bool) -> Result<Act, CodecError> {
         let (left, right) = self.padding(xs.t);
-        let padded = cpu::pad(xs, left, right, self.pad_mode, elu_first);
+        let idx = pad_indices(xs.t, left, right, self.pad_mode);
         let (w, b) = (HostView::new(&self.weight)?, HostView::new(&self.bias)?);
+        let taps = HostView::new(self.weight_taps.as_ref().unwrap_or(&self.weight))?;
         Ok(cpu::conv1d(
-            &padded,
-            w.slice(),
+            xs,
+            (&idx, left),
+            elu_first,
+            (w.slice(), taps.slice()),
             b.slice(),
             self.kernel,
             self.stride,
@@ -226,6 +238,9 @@ pub(crate) fn conv_transpose1d_per_item(
 pub struct ConvTranspose1d {
     /// (in_channels, out_channels, kernel)
     weight: Tensor,
+    /// (kernel, out_channels, in_channels) contiguous (each tap's transposed matrix), for the
+    /// host kernels (CPU only).
+    weight_taps: Option<Tensor>,
     /// (1, out_channels, 1)
     bias: Tensor,
     kernel: usize,
@@ -248,8 +263,14 @@ impl ConvTranspose1d {
         let vb = vb.pp("conv");
         let weight = weight_norm(&vb, &[in_c, out_c, kernel], in_c, 0)?;
         let bias = get(&vb, &[out_c], "bias")?.reshape((1, out_c, 1))?;
+        let weight_taps = if weight.device().is_cpu() {
+            Some(weight.permute((2, 1, 0))?.contiguous()?)
+        } else {
+            None
+        };
         Ok(Self {
             weight,
+            weight_taps,
             bias,
             kernel,
             stride,
@@ -281,7 +302,12 @@ impl ConvTranspose1d {
     /// [`Self::forward`] on host buffers, with `elu(x)` as input when `elu_first`.
     pub(crate) fn forward_host(&self, xs: &Act, elu_first: bool) -> Result<Act, CodecError> {
         let (left, right) = self.trim();
-        let (w, b) = (HostView::new(&self.weight)?, HostView::new(&self.bias)?);
+        let Some(taps) = &self.weight_taps else {
+            return Err(CodecError::Input(
+                "host kernels need the model on the CPU".into(),
+            ));
+        };
+        let (w, b) = (HostView::new(taps)?, HostView::new(&self.bias)?);
         Ok(cpu::conv_transpose1d(
             xs,
             w.slice(),
@@ -406,6 +432,7 @@ mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max)
             };
+            let taps = w.permute((2, 1, 0))?.flatten_all()?.to_vec1::<f32>()?;
             let host = cpu::conv_transpose1d(
                 &Act {
                     data: xv.clone(),
@@ -413,13 +440,26 @@ mod tests {
                     c: c_in,
                     t: t_in,
                 },
-                &wv,
+                &taps,
                 &vec![0.0; c_out],
                 k,
                 s,
-                (0, 0),
+                (s - s / 2, s / 2),
                 false,
             );
+            // The host kernel trims as EncodecConvTranspose1d does (non-causal split).
+            let full = (t_in - 1) * s + k;
+            let trimmed: Vec<f32> = (0..c_out)
+                .flat_map(|o| want[o * full + s - s / 2..o * full + full - s / 2].to_vec())
+                .collect();
+            let err_t = host
+                .data
+                .iter()
+                .zip(&trimmed)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert_eq!(host.data.len(), trimmed.len());
+            assert!(err_t < 1e-4, "host {c_in} {c_out} {t_in} {s}: {err_t}");
             let candle = conv_transpose1d_per_item(&x2, &w, s)?
                 .narrow(0, 1, 1)?
                 .flatten_all()?
@@ -437,11 +477,6 @@ mod tests {
                     "candle's batched conv_transpose1d is right now"
                 );
             }
-            assert!(
-                err(&host.data) < 1e-4,
-                "host {c_in} {c_out} {t_in} {s}: {}",
-                err(&host.data)
-            );
             assert!(
                 err(&candle) < 1e-4,
                 "candle {c_in} {c_out} {t_in} {s}: {}",
