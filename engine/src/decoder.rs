@@ -181,8 +181,9 @@ pub fn sinusoidal_table(positions: usize, dim: usize) -> Vec<f32> {
 
 /// A bias-free linear map `y = x · Wᵀ` with `W` stored `(out, in)` as in the checkpoint.
 ///
-/// Computed as `(W · xᵀ)ᵀ`: for the few rows a decoder step has, candle's CPU matmul runs this
-/// layout about twice as fast as `x · Wᵀ` (measured; see `BENCHMARKS.md`).
+/// A decoder step (a few rows, f32 on the CPU) goes to [`crate::matvec`]; everything else is
+/// computed as `(W · xᵀ)ᵀ`, which candle's CPU matmul runs several times faster than `x · Wᵀ`
+/// for few rows (measured; see `BENCHMARKS.md`).
 #[derive(Debug, Clone)]
 struct Proj {
     /// (out, in), contiguous.
@@ -206,8 +207,12 @@ impl Proj {
         })
     }
 
-    /// `x`: (rows, in) -> (rows, out), contiguous.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x`: (rows, in) -> (rows, out), contiguous. `host`: use [`crate::matvec`] where it
+    /// applies.
+    fn forward(&self, x: &Tensor, host: bool) -> candle_core::Result<Tensor> {
+        if host && crate::matvec::applies(x, &self.w) {
+            return crate::matvec::matvec(x, &self.w);
+        }
         self.w.matmul(&x.t()?)?.t()?.contiguous()
     }
 }
@@ -338,6 +343,8 @@ pub struct Decoder {
     heads: Proj,
     dtype: DType,
     device: Device,
+    /// Few-row products on [`crate::matvec`] (CPU, f32).
+    host_kernels: bool,
 }
 
 impl Decoder {
@@ -382,11 +389,18 @@ impl Decoder {
             heads: Proj::fused(&heads)?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            host_kernels: true,
         })
     }
 
     pub fn config(&self) -> &DecoderConfig {
         &self.cfg
+    }
+
+    /// Runs the per-step products on candle's matmul instead of [`crate::matvec`] when `false`
+    /// (slower on the CPU; kept to compare the two). On by default.
+    pub fn set_host_kernels(&mut self, on: bool) {
+        self.host_kernels = on;
     }
     /// The compute (and weight) dtype.
     pub fn dtype(&self) -> DType {
@@ -443,7 +457,7 @@ impl Decoder {
                 // (batch, cond_len, 2, heads, head_dim) -> (2, batch, heads, cond_len, head_dim)
                 let kv = layer
                     .cross_kv
-                    .forward(&cond2)?
+                    .forward(&cond2, self.host_kernels)?
                     .reshape((batch, cond_len, 2, h, hd))?
                     .permute((2, 0, 3, 1, 4))?;
                 let cache = Tensor::zeros((batch, h, capacity, hd), self.dtype, &self.device)?;
@@ -517,7 +531,7 @@ impl Decoder {
         state.pos = start + t;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (batch, hidden)
         let last = self.final_norm.forward(&last)?;
-        let logits = self.heads.forward(&last)?; // (batch, codebooks * vocab)
+        let logits = self.heads.forward(&last, self.host_kernels)?; // (batch, codebooks * vocab)
         Ok(logits
             .reshape((b, k, self.cfg.vocab_size))?
             .to_dtype(DType::F32)?)
@@ -551,7 +565,7 @@ impl Decoder {
         // (batch, time, 3 * heads, head_dim) -> (batch, 3 * heads, time, head_dim)
         let qkv = layer
             .self_qkv
-            .forward(&hs)?
+            .forward(&hs, self.host_kernels)?
             .reshape((b, t, 3 * h, hd))?
             .transpose(1, 2)?;
         let q = (qkv.narrow(1, 0, h)?.contiguous()? * scale)?;
@@ -568,13 +582,16 @@ impl Decoder {
             .matmul(&values)?
             .transpose(1, 2)?
             .reshape((b * t, d))?; // (batch * time, hidden)
-        let x = (x + layer.self_out.forward(&attn)?.reshape((b, t, d))?)?;
+        let x = (x + layer
+            .self_out
+            .forward(&attn, self.host_kernels)?
+            .reshape((b, t, d))?)?;
 
         // Cross-attention over the condition.
         let hs = layer.cross_norm.forward(&x)?.reshape((b * t, d))?;
         let q = (layer
             .cross_q
-            .forward(&hs)?
+            .forward(&hs, self.host_kernels)?
             .reshape((b, t, h, hd))?
             .transpose(1, 2)?
             .contiguous()?
@@ -585,16 +602,16 @@ impl Decoder {
             .matmul(&ls.cross_v)?
             .transpose(1, 2)?
             .reshape((b * t, d))?;
-        let x = (x + layer.cross_out.forward(&attn)?.reshape((b, t, d))?)?;
+        let x = (x + layer
+            .cross_out
+            .forward(&attn, self.host_kernels)?
+            .reshape((b, t, d))?)?;
 
         // Feed-forward.
         let hs = layer.ffn_norm.forward(&x)?.reshape((b * t, d))?;
-        let hs = layer.fc2.forward(
-            &self
-                .cfg
-                .activation_function
-                .forward(&layer.fc1.forward(&hs)?)?,
-        )?;
+        let hs = layer.fc1.forward(&hs, self.host_kernels)?;
+        let hs = self.cfg.activation_function.forward(&hs)?;
+        let hs = layer.fc2.forward(&hs, self.host_kernels)?;
         Ok((x + hs.reshape((b, t, d))?)?)
     }
 }

@@ -4,6 +4,7 @@
 //! - [`codec`]: EnCodec 32 kHz (SEANet encoder/decoder + residual vector quantiser).
 //! - [`text`]: T5 text encoder and tokenizer.
 //! - [`decoder`]: the MusicGen transformer decoder over EnCodec tokens.
+//! - [`matvec`]: the CPU kernel for the decoder's few-rows products.
 //! - [`pattern`]: the codebook delay pattern (pure functions).
 //! - [`sampling`]: guidance mix, temperature, top-k / top-p, greedy.
 //! - [`generate`]: the generation loop.
@@ -17,6 +18,7 @@ pub mod codec;
 pub mod decoder;
 pub mod generate;
 pub mod hub;
+pub mod matvec;
 pub mod model;
 pub mod pattern;
 pub mod sampling;

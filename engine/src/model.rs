@@ -184,3 +184,31 @@ impl Musicgen {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The service shares one loaded model between threads.
+    #[test]
+    fn model_is_shareable_between_threads() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<Musicgen>();
+        shareable::<Decoder>();
+        shareable::<TextEncoder>();
+    }
+
+    #[test]
+    fn generation_config_fields() {
+        let g: GenerationConfig = serde_json::from_str(
+            r#"{"do_sample": true, "guidance_scale": 3.0, "top_k": 250, "max_length": 1500,
+                "pad_token_id": 2048, "decoder_start_token_id": 2048, "bos_token_id": 2048}"#,
+        )
+        .unwrap();
+        assert_eq!(g.max_length, Some(1500));
+        assert_eq!(
+            (g.top_k, g.guidance_scale, g.do_sample),
+            (Some(250), Some(3.0), Some(true))
+        );
+    }
+}

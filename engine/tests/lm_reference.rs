@@ -634,3 +634,42 @@ fn too_long_audio_prompt_is_an_error() {
         "{err}"
     );
 }
+
+/// The cache written in place: feeding a sequence one column at a time gives the same last
+/// logits as feeding it at once, and a state refuses positions past its capacity.
+#[test]
+fn stepwise_decoding_equals_one_call() {
+    let model = load_model("stereo", DType::F32);
+    let r = reference("stereo");
+    let dec = model.decoder();
+    let cond = model
+        .text_encoder()
+        .encode(&PROMPTS)
+        .unwrap()
+        .with_null()
+        .unwrap();
+    // 12 columns of the reference's delayed continuation sequence, guidance batch of 4.
+    let seq = r["cont_delayed_codes"]
+        .narrow(2, 0, 12)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap();
+    let seq = Tensor::cat(&[&seq, &seq], 0).unwrap(); // (4, 8, 12)
+    let mut all = dec.new_state(&cond.states, &cond.mask, 12).unwrap();
+    let want = dec.forward(&mut all, &seq).unwrap();
+    let mut one = dec.new_state(&cond.states, &cond.mask, 12).unwrap();
+    let mut got = None;
+    for t in 0..12 {
+        got = Some(
+            dec.forward(&mut one, &seq.narrow(2, t, 1).unwrap())
+                .unwrap(),
+        );
+    }
+    assert_eq!(one.position(), 12);
+    let d = max_abs_diff(&got.unwrap(), &want);
+    assert!(d < 1e-4, "stepwise logits differ by {d}");
+    let err = dec
+        .forward(&mut one, &seq.narrow(2, 0, 1).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("13 positions"), "{err}");
+}

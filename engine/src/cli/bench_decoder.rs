@@ -19,6 +19,10 @@ pub struct DecoderBenchArgs {
     /// Takes generated together (the decoder batch is twice this with guidance).
     #[arg(long = "decoder-takes", default_value_t = 1)]
     pub takes: usize,
+    /// Per-step products: the host kernel (default), candle's matmul, or both one after the
+    /// other.
+    #[arg(long = "decoder-kernel", value_enum, default_value = "host")]
+    pub kernel: BenchKernel,
     /// Topology: small (24 layers, width 1024) or medium (48 layers, width 1536).
     #[arg(long = "decoder-size", value_enum, default_value = "small")]
     pub size: BenchSize,
@@ -29,6 +33,13 @@ pub enum BenchDtype {
     F32,
     F16,
     Bf16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchKernel {
+    Host,
+    Matmul,
+    Both,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -64,7 +75,8 @@ pub fn run(args: &DecoderBenchArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
-    let decoder = Decoder::new(&cfg, vb.pp("decoder")).context("building the random decoder")?;
+    let mut decoder =
+        Decoder::new(&cfg, vb.pp("decoder")).context("building the random decoder")?;
     drop(varmap); // the decoder keeps (and has fused) what it needs
     println!("  built in {:.1} s", t0.elapsed().as_secs_f64());
 
@@ -77,8 +89,32 @@ pub fn run(args: &DecoderBenchArgs) -> anyhow::Result<()> {
         .flat_map(|b| (0..cond_len).map(move |_| if b < takes { 1.0 } else { 0.0 }))
         .collect();
     let mask = Tensor::from_vec(mask, (batch, cond_len), &device)?;
+    let kernels: &[(bool, &str)] = match args.kernel {
+        BenchKernel::Host => &[(true, "host kernel")],
+        BenchKernel::Matmul => &[(false, "candle matmul")],
+        BenchKernel::Both => &[(true, "host kernel"), (false, "candle matmul")],
+    };
+    for &(host, label) in kernels {
+        decoder.set_host_kernels(host);
+        time_steps(&decoder, &cond, &mask, args, dtype, label)?;
+    }
+    Ok(())
+}
+
+fn time_steps(
+    decoder: &Decoder,
+    cond: &Tensor,
+    mask: &Tensor,
+    args: &DecoderBenchArgs,
+    dtype: DType,
+    label: &str,
+) -> anyhow::Result<()> {
+    let cfg = decoder.config();
+    let device = decoder.device().clone();
+    let takes = args.takes;
+    let batch = 2 * takes;
     let capacity = args.steps + 2;
-    let mut state = decoder.new_state(&cond, &mask, capacity)?;
+    let mut state = decoder.new_state(cond, mask, capacity)?;
     let k = cfg.num_codebooks;
     let step_ids = |i: usize| {
         Tensor::from_vec(
@@ -98,7 +134,7 @@ pub fn run(args: &DecoderBenchArgs) -> anyhow::Result<()> {
     let sps = args.steps as f64 / secs;
     let bytes = cfg.step_weight_elements() * dtype.size_in_bytes();
     println!(
-        "  {} steps, batch {batch} (guidance on, {takes} take{}): {:.2} steps/s, {:.1} ms/step, real-time factor {:.3} (50 steps = 1 s)",
+        "  {label}: {} steps, batch {batch} (guidance on, {takes} take{}): {:.2} steps/s, {:.1} ms/step, real-time factor {:.3} (50 steps = 1 s)",
         args.steps,
         if takes == 1 { "" } else { "s" },
         sps,

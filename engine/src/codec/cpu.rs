@@ -215,7 +215,23 @@ pub(crate) fn conv1d(
             // SAFETY: as above, row `o`.
             unsafe { std::slice::from_raw_parts_mut(dst.add(o * t_out), n) }.fill(*b);
         }
-        if c_in * k <= 32 {
+        if c_out <= 4 && stride == 1 {
+            // Few output rows (the decoder's last conv: one audio channel): GEMM would be a
+            // matrix-vector product per tap; contiguous multiply-adds along time vectorise.
+            for o in 0..c_out {
+                // SAFETY: this tile owns columns [o0, o0 + n) of row `o`.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(o * t_out), n) };
+                for ci in 0..c_in {
+                    for j in 0..k {
+                        let w = weight[(o * c_in + ci) * k + j];
+                        let src = &buf[ci * len + j * dilation..ci * len + j * dilation + n];
+                        for (y, x) in row.iter_mut().zip(src) {
+                            *y += w * x;
+                        }
+                    }
+                }
+            }
+        } else if c_in * k <= 32 {
             // Few input rows (the first conv: one audio channel): one GEMM over an explicit
             // (c_in * k, n) column matrix beats k rank-c_in updates.
             let rows = c_in * k;
