@@ -753,11 +753,9 @@ mod tests {
         .unwrap();
         // 80 new frames: one 60-frame stride in the first window, so 40 frames of prompt.
         assert_eq!(out.prompt_frames, 40);
-        for r in 0..2 {
-            for c in 0..4 {
-                assert_eq!(out.codes[r][c][..40], prompt[r][c][110..]);
-                assert_eq!(out.codes[r][c].len(), 120);
-            }
+        for (got, given) in out.codes.iter().flatten().zip(prompt.iter().flatten()) {
+            assert_eq!(got[..40], given[110..]);
+            assert_eq!(got.len(), 120);
         }
     }
 
