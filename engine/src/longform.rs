@@ -194,6 +194,18 @@ pub fn window_seed(seed: u64, window: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Refuses more than [`MAX_NEW_FRAMES`] before any work.
+fn check_new_frames(new_frames: usize) -> Result<(), GenerateError> {
+    if new_frames > MAX_NEW_FRAMES {
+        return Err(GenerateError::Request(format!(
+            "{new_frames} new frames ({:.1} s) requested; at most {MAX_NEW_FRAMES} ({} minutes)",
+            new_frames as f64 / 50.0,
+            MAX_NEW_FRAMES / 3000
+        )));
+    }
+    Ok(())
+}
+
 /// Decoder steps one window runs (its new frames plus the delay depth).
 fn window_steps(w: &Window, delays: &[usize]) -> usize {
     sequence_len(w.prompt_frames, w.new_frames, delays) - (w.prompt_frames + 1)
@@ -214,14 +226,7 @@ pub fn generate_long_codes(
     if req.new_frames == 0 {
         return Err(GenerateError::NoFrames);
     }
-    if req.new_frames > MAX_NEW_FRAMES {
-        return Err(GenerateError::Request(format!(
-            "{} new frames ({:.1} s) requested; at most {MAX_NEW_FRAMES} ({} minutes)",
-            req.new_frames,
-            req.new_frames as f64 / 50.0,
-            MAX_NEW_FRAMES / 3000
-        )));
-    }
+    check_new_frames(req.new_frames)?;
     let rows = req.condition.rows();
     if req.prompt.len() > rows || req.seeds.len() != rows {
         return Err(GenerateError::Request(format!(
@@ -404,6 +409,7 @@ pub fn generate_long_audio(
     if req.new_frames == 0 {
         return Err(GenerateError::NoFrames);
     }
+    check_new_frames(req.new_frames)?;
     let channels = model.channels();
     let rate = model.sample_rate();
     let k = model.config().decoder.num_codebooks;
@@ -615,6 +621,15 @@ mod tests {
             .map(|w| (w.prompt_frames, w.new_frames, w.offset))
             .collect();
         assert_eq!(got, vec![(0, 10, 0), (4, 6, 10), (4, 6, 16), (4, 1, 22)]);
+    }
+
+    #[test]
+    fn requests_longer_than_twenty_minutes_are_refused() {
+        assert!(check_new_frames(MAX_NEW_FRAMES).is_ok());
+        let err = check_new_frames(MAX_NEW_FRAMES + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 60000"), "{err}");
     }
 
     #[test]

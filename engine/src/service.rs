@@ -224,7 +224,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Audio channels it generates (1 or 2).
     pub channels: usize,
-    /// The most audio (prompt included) one generation may hold, in seconds.
+    /// The most audio (prompt included) one generation window may hold, in seconds. Longer
+    /// requests are generated window by window (see [`GenerateRequest`]).
     pub max_duration_s: f64,
     /// Whether the weights were loaded by this job (false: shared with an earlier one).
     pub freshly_loaded: bool,
