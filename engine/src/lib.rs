@@ -8,6 +8,8 @@
 //! - [`pattern`]: the codebook delay pattern (pure functions).
 //! - [`sampling`]: guidance mix, temperature, top-k / top-p, greedy.
 //! - [`generate`]: the generation loop.
+//! - [`longform`]: any length by windowed extension, and streaming generation.
+//! - [`stream`]: streaming decode of a growing token stream.
 //! - [`model`]: a loaded MusicGen checkpoint (typed config, text encoder, decoder).
 //! - [`hub`]: model download / cache / local folders.
 //! - [`service`]: the long-lived inference thread and its channels.
@@ -19,8 +21,10 @@ pub mod decoder;
 pub mod generate;
 pub mod hub;
 pub mod matvec;
+pub mod longform;
 pub mod model;
 pub mod pattern;
 pub mod sampling;
 pub mod service;
+pub mod stream;
 pub mod text;

@@ -28,10 +28,12 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use crate::audio::Audio;
-use crate::generate::{generate_audio, AudioRequest, Control, GenerateError};
+use crate::generate::{AudioRequest, Control, GenerateError};
 use crate::hub::{self, HubProgress, ModelFiles};
+use crate::longform::{generate_long_audio, LongOptions, WindowConfig};
 use crate::model::{GenerationConfig, Musicgen};
 use crate::sampling::SamplingParams;
+use crate::stream::StreamConfig;
 
 /// Errors of the service itself (a job's errors arrive as [`EventKind::Failed`]).
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +103,21 @@ pub enum Policy {
     Replace,
 }
 
+/// Window and stride of long-form generation, in seconds (see [`crate::longform`]).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WindowSeconds {
+    /// Seconds of one generation window, prompt included (at most the model's maximum).
+    pub window_s: f64,
+    /// Seconds each window after the first adds; later windows are prompted with the last
+    /// `window_s - stride_s` seconds.
+    pub stride_s: f64,
+}
+
 /// One generation: text and/or an audio prompt, continued for `duration_s` seconds, `takes`
 /// times with seeds `seed`, `seed + 1`, …
+///
+/// Any length: what does not fit one window of the model (30 s, prompt included) is generated
+/// by windowed extension; a prompt longer than fits is cut to its most recent part.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
     pub model: ModelSpec,
@@ -118,6 +133,10 @@ pub struct GenerateRequest {
     pub seed: u64,
     /// Number of takes generated together in one batch (at least 1).
     pub takes: usize,
+    /// Send the continuation in [`EventKind::Chunk`]s while it is generated.
+    pub stream: bool,
+    /// Long-form window and stride; `None`: the authors' 30 s and 18 s.
+    pub window: Option<WindowSeconds>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -163,7 +182,17 @@ pub enum EventKind {
     ModelReady(ModelInfo),
     /// A [`Client::load`] job is done: the model is loaded and held for the client. Terminal.
     Loaded,
-    /// One decoder step is done (`step` of `total`, 1-based).
+    /// Decoded continuation of one take while it is generated (streaming requests only):
+    /// `audio` (32 kHz, the model's channels) starts `offset` samples after the start of the
+    /// continuation. Chunks of a take arrive in order and tile it without gaps or overlaps;
+    /// together they are exactly the take's [`Take::continuation`] in [`EventKind::Finished`].
+    Chunk {
+        take: usize,
+        offset: usize,
+        audio: Audio,
+    },
+    /// One decoder step is done (`step` of `total`, 1-based, over the whole take: every
+    /// window of a long one).
     Progress {
         step: usize,
         total: usize,
@@ -195,7 +224,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Audio channels it generates (1 or 2).
     pub channels: usize,
-    /// The most audio (prompt included) one generation may hold, in seconds.
+    /// The most audio (prompt included) one generation window may hold, in seconds. Longer
+    /// requests are generated window by window (see [`GenerateRequest`]).
     pub max_duration_s: f64,
     /// Whether the weights were loaded by this job (false: shared with an earlier one).
     pub freshly_loaded: bool,
@@ -619,14 +649,25 @@ fn run_job(shared: &Shared, job: &Job, send: &dyn Fn(EventKind)) -> Result<Event
         Work::Generate(req) => {
             let (model, info) = acquire_model(shared, job, &req.model, send)?;
             send(EventKind::ModelReady(info));
-            let takes = model.generate(req, &job.cancel, &mut |step, total, steps_per_s| {
-                job.step.store(step, Ordering::Relaxed);
-                send(EventKind::Progress {
-                    step,
-                    total,
-                    steps_per_s,
-                })
-            })?;
+            let takes = model.generate(
+                req,
+                &job.cancel,
+                &mut |step, total, steps_per_s| {
+                    job.step.store(step, Ordering::Relaxed);
+                    send(EventKind::Progress {
+                        step,
+                        total,
+                        steps_per_s,
+                    })
+                },
+                &mut |take, offset, audio| {
+                    send(EventKind::Chunk {
+                        take,
+                        offset,
+                        audio,
+                    })
+                },
+            )?;
             Ok(EventKind::Finished(takes))
         }
         #[cfg(test)]
@@ -817,12 +858,14 @@ impl LoadedModel {
     }
 
     /// Runs one generation request to finished takes. `progress(step, total, steps_per_s)`
-    /// after every decoder step; `cancel` is read after every step.
+    /// after every decoder step; `chunk(take, offset, audio)` for every streamed chunk;
+    /// `cancel` is read after every step.
     fn generate(
         &self,
         req: &GenerateRequest,
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(usize, usize, f64),
+        chunk: &mut dyn FnMut(usize, usize, Audio),
     ) -> Result<Vec<Take>, JobError> {
         let started = Instant::now();
         if !(req.duration_s.is_finite() && req.duration_s > 0.0) {
@@ -848,27 +891,45 @@ impl LoadedModel {
             seed: req.seed,
             takes: req.takes,
         };
-        let out = generate_audio(&self.musicgen, &audio_request, &mut |info| {
-            if cancel.load(Ordering::Relaxed) {
-                return Control::Stop;
-            }
-            let secs = info.elapsed.as_secs_f64();
-            let rate = if secs > 0.0 {
-                info.step as f64 / secs
-            } else {
-                0.0
-            };
-            progress(info.step, info.total, rate);
-            Control::Continue
-        });
+        let mut opts = LongOptions::for_model(&self.musicgen);
+        if let Some(w) = req.window {
+            opts.window =
+                WindowConfig::from_seconds(w.window_s, w.stride_s, self.musicgen.frame_rate())?;
+        }
+        if req.stream {
+            opts.stream = Some(StreamConfig::default());
+        }
+        let out = generate_long_audio(
+            &self.musicgen,
+            &audio_request,
+            &opts,
+            &mut |info| {
+                if cancel.load(Ordering::Relaxed) {
+                    return Control::Stop;
+                }
+                let secs = info.elapsed.as_secs_f64();
+                let rate = if secs > 0.0 {
+                    info.step as f64 / secs
+                } else {
+                    0.0
+                };
+                progress(info.step, info.total, rate);
+                Control::Continue
+            },
+            &mut |c| {
+                for (take, audio) in c.audio.iter().enumerate() {
+                    chunk(take, c.offset, audio.clone());
+                }
+            },
+        );
         let out = match out {
             Ok(out) => out,
             Err(GenerateError::Cancelled { .. }) => return Err(JobError::Cancelled),
             Err(e) => return Err(JobError::Failed(e.to_string())),
         };
+        let (out, prompt_s) = out;
         let generation_s = started.elapsed().as_secs_f64();
         let steps_per_s = out.timings.generate.steps_per_second(out.steps);
-        let prompt_s = req.prompt.as_ref().map_or(0.0, Audio::duration_s);
         Ok(out
             .takes
             .into_iter()
@@ -922,6 +983,8 @@ mod tests {
             sampling: SamplingParams::default(),
             seed: 7,
             takes: 1,
+            stream: false,
+            window: None,
         }
     }
 
@@ -1007,6 +1070,72 @@ mod tests {
             takes[0].audio, takes[1].audio,
             "different seeds gave identical takes"
         );
+    }
+
+    /// A streamed request longer than its window: progress over the whole take, chunks of
+    /// every take that tile its continuation and are exactly the finished take.
+    #[test]
+    fn streamed_long_generation_sends_chunks_that_are_the_take() {
+        let engine = Engine::new().unwrap();
+        let client = engine.client();
+        let mut req = request(4.0);
+        req.takes = 2;
+        req.stream = true;
+        req.window = Some(WindowSeconds {
+            window_s: 2.0,
+            stride_s: 1.2,
+        });
+        let job = client.generate(req, Policy::Queue);
+        let events = events_of(&client, job);
+        let EventKind::Finished(takes) = events.last().unwrap() else {
+            panic!("expected Finished, got {:?}", events.last());
+        };
+        // 200 frames in windows of 100, 60 and 40 new frames, 3 delay steps each.
+        let progress: Vec<(usize, usize)> = events
+            .iter()
+            .filter_map(|e| match e {
+                EventKind::Progress { step, total, .. } => Some((*step, *total)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(progress, (1..=209).map(|s| (s, 209)).collect::<Vec<_>>());
+        for (t, take) in takes.iter().enumerate() {
+            assert_eq!(take.codes[0].len(), 200);
+            let mut at = 0;
+            let mut audio: Vec<f32> = Vec::new();
+            for e in &events {
+                if let EventKind::Chunk {
+                    take: ct,
+                    offset,
+                    audio: a,
+                } = e
+                {
+                    if *ct == t {
+                        assert_eq!(*offset, at);
+                        at += a.frames();
+                        audio.extend_from_slice(&a.channels[0]);
+                    }
+                }
+            }
+            assert_eq!(at, 200 * 640);
+            assert_eq!(audio, take.continuation().channels[0]);
+        }
+        // Without streaming: no chunks, the same takes.
+        let mut plain = request(4.0);
+        plain.takes = 2;
+        plain.window = Some(WindowSeconds {
+            window_s: 2.0,
+            stride_s: 1.2,
+        });
+        let job = client.generate(plain, Policy::Queue);
+        let events = events_of(&client, job);
+        assert!(!events.iter().any(|e| matches!(e, EventKind::Chunk { .. })));
+        let EventKind::Finished(again) = events.last().unwrap() else {
+            panic!("expected Finished");
+        };
+        for (a, b) in takes.iter().zip(again) {
+            assert_eq!(a.audio, b.audio);
+        }
     }
 
     #[test]

@@ -250,7 +250,27 @@ fn bad_inputs_are_clear_errors() {
         "cannot be used with",
         &out,
     );
-    assert_fails(&run_with(&["--duration", "31"]), "at most 1500", &out);
+    assert_fails(&run_with(&["--duration", "1201"]), "at most 1200", &out);
+    assert_fails(
+        &run_with(&["--frames", "5", "--window", "31"]),
+        "longer than this model allows",
+        &out,
+    );
+    assert_fails(
+        &run_with(&["--frames", "5", "--window", "10", "--stride", "10"]),
+        "stride",
+        &out,
+    );
+    assert_fails(
+        &run_with(&["--frames", "5", "--stride", "-1"]),
+        "stride",
+        &out,
+    );
+    assert_fails(
+        &run_with(&["--frames", "5", "--stream", "--include-prompt"]),
+        "cannot be used with",
+        &out,
+    );
 
     // Unreadable WAV.
     let bad = tmp.path().join("bad.wav");
@@ -266,21 +286,27 @@ fn bad_inputs_are_clear_errors() {
         &out,
     );
 
-    // Prompt audio longer than the model allows (30 s).
+    // Prompt audio longer than one window (30 s) is cut to its most recent part that fits.
     let long = tmp.path().join("long.wav");
     write_wav_f32(
         &long,
         &Audio {
             sample_rate: 32_000,
-            channels: vec![vec![0.1; 32_000 * 31]],
+            channels: vec![(0..32_000 * 31)
+                .map(|i| (i as f32 * 0.01).sin() * 0.3)
+                .collect()],
         },
     )
     .unwrap();
-    assert_fails(
-        &run_with(&["--frames", "5", "--input", p(&long)]),
-        "too long",
-        &out,
-    );
+    let cut = tmp.path().join("cut.wav");
+    let args = base(&["--frames", "5", "--input", p(&long), "--include-prompt"]);
+    let mut refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let at = refs.iter().position(|a| *a == o).unwrap();
+    refs[at] = p(&cut);
+    let run = segue(&refs, &[]);
+    assert!(run.ok, "{}", run.stderr);
+    // 1495 frames of prompt (the window less the 5 new ones), then 5 new.
+    assert_eq!(read_wav(&cut).unwrap().frames(), 1500 * 640);
 
     // Unknown model: a missing folder, and a Hub id with no network and no cache.
     let args = ["--model", "/no/such/model", "--frames", "5", "--out", o];
@@ -332,4 +358,67 @@ fn a_gpu_request_runs_on_the_gpu_or_falls_back_to_the_cpu_with_a_warning() {
         run.stderr
     );
     assert_eq!(read_wav(&out).unwrap().frames(), 3 * 640);
+}
+
+/// Longer than one window (30 s): two windows, one continuous take of the requested length;
+/// `--stream` writes the same file and reports the time to the first audible chunk.
+#[test]
+fn long_durations_and_streaming() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model("mono");
+    let gen = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            &m,
+            "--prompt",
+            "calm lo-fi piano",
+            "--seed",
+            "9",
+            "--out",
+            p(out),
+        ];
+        args.extend_from_slice(extra);
+        let run = segue(&args, &[]);
+        assert!(run.ok, "{}", run.stderr);
+        run
+    };
+    let plain = tmp.path().join("plain.wav");
+    let streamed = tmp.path().join("streamed.wav");
+    gen(&plain, &["--duration", "40"]);
+    let run = gen(&streamed, &["--duration", "40", "--stream"]);
+    assert!(run.stderr.contains("first audible chunk"), "{}", run.stderr);
+    let a = read_wav(&plain).unwrap();
+    assert_eq!((a.channels.len(), a.frames()), (1, 40 * 50 * 640));
+    assert!(a.channels[0].iter().all(|s| s.is_finite()));
+    assert_eq!(
+        read_wav(&streamed).unwrap(),
+        a,
+        "--stream wrote other audio"
+    );
+
+    // A short take: streamed chunks match the one-shot decode below -60 dB.
+    let plain = tmp.path().join("short.wav");
+    let streamed = tmp.path().join("short-streamed.wav");
+    gen(&plain, &["--frames", "180"]);
+    gen(&streamed, &["--frames", "180", "--stream"]);
+    let (a, b) = (read_wav(&plain).unwrap(), read_wav(&streamed).unwrap());
+    assert_eq!(a.frames(), b.frames());
+    let rms = (a.channels[0].iter().map(|x| x * x).sum::<f32>() / a.frames() as f32).sqrt();
+    let err = a.channels[0]
+        .iter()
+        .zip(&b.channels[0])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        20.0 * (err.max(1e-30) / rms).log10() < -60.0,
+        "error {err}, rms {rms}"
+    );
+
+    // --window and --stride: 3 s windows striding 2 s make 7 windows of one continuous take.
+    let small = tmp.path().join("small.wav");
+    gen(
+        &small,
+        &["--duration", "15", "--window", "3", "--stride", "2"],
+    );
+    assert_eq!(read_wav(&small).unwrap().frames(), 15 * 50 * 640);
 }

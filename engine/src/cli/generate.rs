@@ -1,15 +1,19 @@
 //! `segue generate`: text and/or audio prompt to WAV with MusicGen.
 
+use std::fs::File;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
-use segue_engine::audio;
+use segue_engine::audio::{self, Audio};
 use segue_engine::codec::CodesFile;
 use segue_engine::hub::HubProgress;
+use segue_engine::longform::{DEFAULT_STRIDE_S, DEFAULT_WINDOW_S, MAX_NEW_FRAMES};
 use segue_engine::sampling::SamplingParams;
 use segue_engine::service::{
     Client, DTypeChoice, DeviceChoice, Engine, EventKind, GenerateRequest, JobId, LoadStage,
-    ModelSpec, Policy,
+    ModelSpec, Policy, WindowSeconds,
 };
 
 use super::codec::hub_progress;
@@ -26,7 +30,8 @@ pub struct GenerateArgs {
     /// Audio to continue (WAV, any sample rate and channel count).
     #[arg(long)]
     pub input: Option<PathBuf>,
-    /// Seconds of new audio (rounded to 50 Hz frames).
+    /// Seconds of new audio (rounded to 50 Hz frames), any length up to 20 minutes: beyond one
+    /// window the music is extended window by window (see --window and --stride).
     #[arg(long, allow_negative_numbers = true)]
     pub duration: Option<f64>,
     /// New 50 Hz frames.
@@ -63,8 +68,20 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Write the decoded prompt before the continuation.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "stream")]
     pub include_prompt: bool,
+    /// Seconds of one generation window, prompt included (default 30, the most the model
+    /// allows); longer music is generated window by window.
+    #[arg(long, allow_negative_numbers = true)]
+    pub window: Option<f64>,
+    /// Seconds each window after the first adds (default 18 with the default window, else 60%
+    /// of --window); later windows are prompted with the last window - stride seconds.
+    #[arg(long, allow_negative_numbers = true)]
+    pub stride: Option<f64>,
+    /// Write the WAV while generating (a valid file after every chunk) and print the time to
+    /// the first audible chunk.
+    #[arg(long)]
+    pub stream: bool,
     /// Also write every frame's codes, prompt first, as JSON (one file per take).
     #[arg(long)]
     pub codes_out: Option<PathBuf>,
@@ -129,6 +146,11 @@ fn new_frames(args: &GenerateArgs) -> anyhow::Result<usize> {
         (None, Some(d)) if !(d.is_finite() && d > 0.0) => {
             bail!("--duration must be a positive number of seconds (got {d})")
         }
+        (None, Some(d)) if d * 50.0 > MAX_NEW_FRAMES as f64 => bail!(
+            "--duration {d} is too long: at most {} s ({} minutes)",
+            MAX_NEW_FRAMES / 50,
+            MAX_NEW_FRAMES / 3000
+        ),
         (None, Some(d)) => Ok(((d * 50.0).round() as usize).max(1)),
         (None, None) => bail!("give --duration or --frames"),
     }
@@ -140,6 +162,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("--takes must be at least 1");
     }
     let new_frames = new_frames(&args)?;
+    let window = window(&args)?;
     let mut sampling = if args.greedy {
         SamplingParams::greedy(3.0)
     } else {
@@ -225,8 +248,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         sampling,
         seed,
         takes: args.takes,
+        stream: args.stream,
+        window,
     };
+    let started = Instant::now();
     let job = client.generate(request, Policy::Queue);
+    let mut writers: Vec<Option<StreamWriter>> = (0..args.takes).map(|_| None).collect();
+    let mut first_chunk = None;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{wide_bar} {pos}/{len} steps {per_sec} ETA {eta}")
@@ -241,9 +269,34 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 }
                 bar.set_position(step as u64);
             }
+            Ok(EventKind::Chunk {
+                take,
+                offset,
+                audio,
+            }) => {
+                if first_chunk.is_none() {
+                    let secs = started.elapsed().as_secs_f64();
+                    first_chunk = Some(secs);
+                    bar.suspend(|| eprintln!("first audio after {secs:.2} s"));
+                }
+                let path = numbered(&args.out, take + 1, args.takes);
+                let result = match writers.get_mut(take) {
+                    Some(slot) => StreamWriter::append(slot, &path, offset, &audio),
+                    None => Err(anyhow::anyhow!(
+                        "a chunk of take {take} that was not asked for"
+                    )),
+                };
+                if let Err(e) = result {
+                    bar.finish_and_clear();
+                    client.cancel(job);
+                    remove_partial(&mut writers);
+                    return Err(e);
+                }
+            }
             Ok(EventKind::Finished(takes)) => break takes,
             Ok(EventKind::Failed(msg)) => {
                 bar.finish_and_clear();
+                remove_partial(&mut writers);
                 if args.input.is_some() && msg.contains("allows at most") {
                     bail!("the prompt audio plus the new audio is too long: {msg}");
                 }
@@ -251,11 +304,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             }
             Ok(EventKind::Cancelled) => {
                 bar.finish_and_clear();
+                remove_partial(&mut writers);
                 bail!("the generation was cancelled");
             }
             Ok(_) => {}
             Err(e) => {
                 bar.finish_and_clear();
+                remove_partial(&mut writers);
                 return Err(e);
             }
         }
@@ -275,7 +330,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             take.continuation()
         };
         let path = numbered(&args.out, i + 1, n);
-        audio::write_wav_f32(&path, &audio)?;
+        match writers.get_mut(i).and_then(Option::take) {
+            // Streamed: the file already holds every chunk, which together are the take.
+            Some(w) => w.finish(audio.frames())?,
+            None => audio::write_wav_f32(&path, &audio)?,
+        }
         if let Some(codes_out) = &args.codes_out {
             let file = CodesFile {
                 frame_rate: frame_rate as u32,
@@ -294,7 +353,114 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             m.steps, m.steps_per_s, m.device, m.generation_s
         );
     }
+    if let Some(secs) = first_chunk {
+        eprintln!("time to the first audible chunk: {secs:.2} s");
+    }
     Ok(())
+}
+
+/// --window / --stride to the request's window (`None`: the engine's defaults).
+fn window(args: &GenerateArgs) -> anyhow::Result<Option<WindowSeconds>> {
+    let check = |what: &str, v: Option<f64>| match v {
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            bail!("--{what} must be a positive number of seconds (got {s})")
+        }
+        _ => Ok(()),
+    };
+    check("window", args.window)?;
+    check("stride", args.stride)?;
+    let (window_s, stride_s) = match (args.window, args.stride) {
+        (None, None) => return Ok(None),
+        (Some(w), None) => (w, w * DEFAULT_STRIDE_S / DEFAULT_WINDOW_S),
+        (None, Some(s)) => (DEFAULT_WINDOW_S, s),
+        (Some(w), Some(s)) => (w, s),
+    };
+    if stride_s >= window_s {
+        bail!("--stride ({stride_s} s) must be shorter than --window ({window_s} s): each window is prompted with the last window - stride seconds");
+    }
+    Ok(Some(WindowSeconds { window_s, stride_s }))
+}
+
+/// A WAV file written chunk by chunk: the header is rewritten after every chunk, so a reader
+/// at any moment sees a valid file holding the audio so far.
+struct StreamWriter {
+    path: PathBuf,
+    writer: hound::WavWriter<BufWriter<File>>,
+    /// Samples per channel written.
+    frames: usize,
+}
+
+impl StreamWriter {
+    /// Appends `audio` at `offset` (samples from the start of the continuation), creating the
+    /// file on the first chunk. Chunks must arrive in order without gaps.
+    fn append(
+        slot: &mut Option<StreamWriter>,
+        path: &Path,
+        offset: usize,
+        audio: &Audio,
+    ) -> anyhow::Result<()> {
+        if slot.is_none() {
+            let spec = hound::WavSpec {
+                channels: audio.channels.len() as u16,
+                sample_rate: audio.sample_rate,
+                bits_per_sample: 32,
+                sample_format: hound::SampleFormat::Float,
+            };
+            let file =
+                File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            let writer = hound::WavWriter::new(BufWriter::new(file), spec)
+                .with_context(|| format!("writing {}", path.display()))?;
+            *slot = Some(StreamWriter {
+                path: path.to_path_buf(),
+                writer,
+                frames: 0,
+            });
+        }
+        let Some(w) = slot.as_mut() else {
+            unreachable!("set above")
+        };
+        if offset != w.frames {
+            bail!(
+                "{}: chunk at sample {offset} after {} samples (chunks out of order)",
+                w.path.display(),
+                w.frames
+            );
+        }
+        let ctx = || format!("writing {}", w.path.display());
+        for i in 0..audio.frames() {
+            for ch in &audio.channels {
+                w.writer.write_sample(ch[i]).with_context(ctx)?;
+            }
+        }
+        w.writer.flush().with_context(ctx)?;
+        w.frames += audio.frames();
+        Ok(())
+    }
+
+    /// Closes the file, checking it holds the whole take (`frames` samples per channel).
+    fn finish(self, frames: usize) -> anyhow::Result<()> {
+        if self.frames != frames {
+            let _ = std::fs::remove_file(&self.path);
+            bail!(
+                "{}: the streamed chunks hold {} samples, the take {frames}",
+                self.path.display(),
+                self.frames
+            );
+        }
+        let path = self.path.clone();
+        self.writer
+            .finalize()
+            .with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// Removes the files of a stream that did not complete (nothing half-written stays behind).
+fn remove_partial(writers: &mut [Option<StreamWriter>]) {
+    for w in writers.iter_mut().filter_map(Option::take) {
+        let path = w.path.clone();
+        drop(w);
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// The next event of `job` (events of other jobs are not expected on this client).
@@ -325,5 +491,28 @@ mod tests {
             PathBuf::from("a/out-2.wav")
         );
         assert_eq!(numbered(Path::new("codes"), 1, 2), PathBuf::from("codes-1"));
+    }
+
+    /// A reader in the middle of a stream sees a valid WAV with every chunk so far.
+    #[test]
+    fn a_streamed_wav_is_valid_after_every_chunk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.wav");
+        let chunk = |n: usize, v: f32| Audio {
+            sample_rate: 32_000,
+            channels: vec![vec![v; n], vec![-v; n]],
+        };
+        let mut slot = None;
+        StreamWriter::append(&mut slot, &path, 0, &chunk(100, 0.5)).unwrap();
+        let mid = audio::read_wav(&path).unwrap();
+        assert_eq!((mid.channels.len(), mid.frames()), (2, 100));
+        StreamWriter::append(&mut slot, &path, 100, &chunk(50, 0.25)).unwrap();
+        let mid = audio::read_wav(&path).unwrap();
+        assert_eq!(mid.frames(), 150);
+        assert_eq!(mid.channels[1][120], -0.25);
+        // Out of order is an error, not a silently shifted file.
+        assert!(StreamWriter::append(&mut slot, &path, 10, &chunk(5, 0.1)).is_err());
+        slot.take().unwrap().finish(150).unwrap();
+        assert_eq!(audio::read_wav(&path).unwrap().frames(), 150);
     }
 }

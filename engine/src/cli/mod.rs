@@ -27,7 +27,7 @@ enum Command {
     /// Decode EnCodec codes (JSON) into a 32 kHz WAV file.
     Decode(codec::DecodeArgs),
     /// Generate music from text and/or an audio prompt.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Benchmark the decoder and codec on random-weight checkpoints (no download).
     Bench(bench::BenchArgs),
 }
@@ -39,7 +39,7 @@ pub fn run() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Encode(args) => codec::encode(args),
         Command::Decode(args) => codec::decode(args),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
