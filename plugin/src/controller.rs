@@ -26,8 +26,7 @@ use parking_lot::Mutex;
 use segue_engine::audio::{resample, Audio};
 use segue_engine::sampling::SamplingParams;
 use segue_engine::service::{
-    Client, DTypeChoice, DeviceChoice, Engine, EventKind, GenerateRequest, JobId, ModelSpec,
-    Policy,
+    Client, DTypeChoice, DeviceChoice, Engine, EventKind, GenerateRequest, JobId, ModelSpec, Policy,
 };
 
 use crate::capture::{CaptureReader, PromptAnchor, PromptRequest};
@@ -94,8 +93,7 @@ impl Shared {
     /// Whether a requested generation has not ended yet. Realtime-safe.
     #[inline]
     pub fn busy(&self) -> bool {
-        self.busy.load(Ordering::Acquire)
-            || self.generate_at.load(Ordering::Acquire) != NO_REQUEST
+        self.busy.load(Ordering::Acquire) || self.generate_at.load(Ordering::Acquire) != NO_REQUEST
     }
 
     fn set_status(&self, text: String) {
@@ -265,7 +263,8 @@ impl Worker {
 
     fn fail(&mut self, message: String) {
         nice_warn!("generation failed: {message}");
-        self.shared.set_status(format!("Generation failed: {message}"));
+        self.shared
+            .set_status(format!("Generation failed: {message}"));
         self.job = None;
         if self.shared.generate_at.load(Ordering::Acquire) == NO_REQUEST {
             self.shared.busy.store(false, Ordering::Release);
@@ -376,17 +375,14 @@ impl Worker {
             EventKind::Failed(reason) => self.fail(reason),
             EventKind::Cancelled => self.fail("cancelled".to_owned()),
             EventKind::Progress { step, total, .. } => {
-                self.shared.set_status(format!("Generating… {step}/{total}"));
+                self.shared
+                    .set_status(format!("Generating… {step}/{total}"));
             }
             _ => {}
         }
     }
 
-    fn finish(
-        &mut self,
-        job: Job,
-        takes: Vec<segue_engine::service::Take>,
-    ) -> Result<(), String> {
+    fn finish(&mut self, job: Job, takes: Vec<segue_engine::service::Take>) -> Result<(), String> {
         let anchor = job.anchor.map(|a| TakeAnchor {
             beats: a.beats,
             tempo_bpm: a.tempo_bpm,

@@ -150,9 +150,8 @@ impl Plugin for Segue {
         {
             let mut store = self.shared.store.lock();
             if self.takes_rate.is_some_and(|r| r != sr) {
-                let rebuilt = store.rebuild(|e| {
-                    controller::build_take(e.id, sr, e.anchor.as_ref(), &e.source)
-                });
+                let rebuilt = store
+                    .rebuild(|e| controller::build_take(e.id, sr, e.anchor.as_ref(), &e.source));
                 if let Err(e) = rebuilt {
                     nice_warn!("takes could not be rebuilt for {sr} Hz: {e}");
                 }

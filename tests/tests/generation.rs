@@ -172,10 +172,7 @@ fn play(
 /// on both channels, sample for sample.
 fn assert_take_at(what: &str, out: &StereoBuffer, at: usize, take: &[f32], fade: usize) {
     for (c, channel) in out.iter().enumerate() {
-        assert!(
-            channel.len() >= at + take.len(),
-            "{what}: output too short"
-        );
+        assert!(channel.len() >= at + take.len(), "{what}: output too short");
         for j in 0..take.len() {
             let want = with_tail(take, j, fade);
             assert_eq!(
@@ -340,7 +337,11 @@ fn seeking_looping_and_stopping_follow_the_transport() -> Result<()> {
         )?;
         for (c, channel) in out.iter().enumerate() {
             for j in 0..stop_at - bar5 {
-                assert_eq!(channel[bar5 + j], take[j], "{what}: before the stop, channel {c}");
+                assert_eq!(
+                    channel[bar5 + j],
+                    take[j],
+                    "{what}: before the stop, channel {c}"
+                );
             }
         }
         assert!(
@@ -348,6 +349,7 @@ fn seeking_looping_and_stopping_follow_the_transport() -> Result<()> {
             "{what}: the stop cut without a fade"
         );
         assert_silent(&what, &out, stop_at + fade..out[0].len());
+    }
     Ok(())
 }
 
