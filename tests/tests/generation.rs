@@ -60,8 +60,9 @@ fn sample_at(beats: f64, rate: f64, tempo: f64) -> usize {
     (beats * spb(rate, tempo) - 1e-6).ceil() as usize
 }
 
-fn set_int(plugin: &mut PluginInstance, id: &str, value: i32, min: i32, max: i32) -> Result<()> {
-    plugin.set_param(id, f64::from(value - min) / f64::from(max - min))
+/// Sets an integer parameter: nice-plug gives stepped parameters the CLAP range `0..=steps`.
+fn set_int(plugin: &mut PluginInstance, id: &str, value: i32, min: i32) -> Result<()> {
+    plugin.set_param(id, f64::from(value - min))
 }
 
 /// The takes the plugin saved in its state.
@@ -127,7 +128,7 @@ fn fade_frames(rate: f64) -> usize {
 fn instance(lib: &PluginLibrary, rate: f64, split: &BlockSplit) -> Result<PluginInstance> {
     let mut plugin = lib.instantiate()?;
     plugin.set_param("monitor", 0.0)?;
-    set_int(&mut plugin, "continuation-bars", 1, 1, 16)?;
+    set_int(&mut plugin, "continuation-bars", 1, 1)?;
     plugin.activate(rate, split.max_len())?;
     Ok(plugin)
 }
@@ -361,7 +362,7 @@ fn an_offline_render_waits_for_the_take_and_contains_it() -> Result<()> {
     let split = BlockSplit::Fixed(512);
     let mut plugin = lib.instantiate()?;
     plugin.set_param("monitor", 0.0)?;
-    set_int(&mut plugin, "continuation-bars", 1, 1, 16)?;
+    set_int(&mut plugin, "continuation-bars", 1, 1)?;
     plugin.set_render_mode(true)?;
     plugin.activate(rate, split.max_len())?;
     // One render: the phrase, the press a quarter bar into bar 5, and on to the end of bar 6.
