@@ -286,9 +286,14 @@ fn seeking_looping_and_stopping_follow_the_transport() -> Result<()> {
             &split,
         )?;
         for (c, channel) in out.iter().enumerate() {
-            for i in fade..take.len() - offset {
+            for (i, &got) in channel
+                .iter()
+                .enumerate()
+                .take(take.len() - offset)
+                .skip(fade)
+            {
                 assert_eq!(
-                    channel[i],
+                    got,
                     with_tail(&take, offset + i, fade),
                     "{what}: after a seek to take frame {offset}, channel {c} sample {i}"
                 );
