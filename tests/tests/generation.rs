@@ -482,3 +482,36 @@ fn corrupt_takes_in_a_state_load_as_no_takes() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn the_trigger_note_requests_a_generation_and_other_notes_do_not() -> Result<()> {
+    use_tiny_model();
+    let lib = PluginLibrary::segue()?;
+    let (rate, tempo) = CASES[1];
+    let split = BlockSplit::Random { seed: 5, max: 300 };
+    let mut plugin = lib.instantiate()?;
+    plugin.set_param("monitor", 0.0)?;
+    set_int(&mut plugin, "continuation-bars", 1, 1)?;
+    set_int(&mut plugin, "generate-note", 60, segue::params::NOTE_OFF)?;
+    plugin.activate(rate, split.max_len())?;
+    let press = sample_at(17.0, rate, tempo) as u32;
+    let n = sample_at(18.0, rate, tempo);
+    let phrase = [noise(1, n, 0.5), noise(2, n, 0.5)];
+    let note = |time, key| HostEvent::NoteOn {
+        time,
+        channel: 0,
+        key,
+        velocity: 1.0,
+    };
+    let request = RenderRequest::new([&phrase[0], &phrase[1]], SILENT, split)
+        .with_transport(Transport::playing(tempo, TimeSignature::COMMON))
+        .with_events([note(1_000, 61), note(press, 60)]);
+    render(&mut plugin, &request)?;
+    let state = wait_for_takes(&mut plugin, 1)?;
+    // One take, from the trigger note (the note in bar 1 had no bar line behind it to anchor a
+    // prompt at, and is not the trigger anyway).
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(saved_takes(&mut plugin)?.takes.len(), 1);
+    assert_eq!(state.takes[0].anchor.map(|a| a.beats), Some(16.0));
+    Ok(())
+}
