@@ -7,8 +7,10 @@
 use nice_plug::prelude::*;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+
+use crate::playback::{MidiQuantise, PlaybackMode};
 
 /// Version of the persisted state layout written by this build. Bump it when a persisted field
 /// changes meaning, and teach [`migrate_state`] how to upgrade the previous layout.
@@ -32,6 +34,179 @@ pub const DEFAULT_EDITOR_SIZE: EditorSize = EditorSize {
     height: 400,
 };
 
+/// Environment variable naming the default model (a Hub id or a local folder) of new instances,
+/// so a studio (or a test) can point every instance at one checkpoint.
+pub const MODEL_ENV: &str = "SEGUE_MODEL";
+
+/// Model of new instances when [`MODEL_ENV`] is not set.
+pub const DEFAULT_MODEL: &str = "facebook/musicgen-small";
+
+/// The model new instances use: `$SEGUE_MODEL` when set and not blank, else [`DEFAULT_MODEL`].
+pub fn default_model() -> String {
+    std::env::var(MODEL_ENV)
+        .ok()
+        .filter(|m| !m.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_MODEL.to_owned())
+}
+
+/// Lowest and highest prompt length, in bars.
+pub const PROMPT_BARS_RANGE: (i32, i32) = (1, 16);
+/// Default prompt length, in bars.
+pub const DEFAULT_PROMPT_BARS: i32 = 4;
+/// Lowest and highest continuation length, in bars.
+pub const CONTINUATION_BARS_RANGE: (i32, i32) = (1, 16);
+/// Default continuation length, in bars.
+pub const DEFAULT_CONTINUATION_BARS: i32 = 4;
+/// Value of the generate trigger note parameter meaning "no note triggers a generation".
+pub const NOTE_OFF: i32 = -1;
+
+/// Which input is recorded as the prompt.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureSource {
+    /// The main stereo input.
+    #[id = "main"]
+    #[name = "Main Input"]
+    Main,
+    /// The stereo sidechain input (how hosts such as Ableton Live hand an instrument audio).
+    #[id = "sidechain"]
+    #[name = "Sidechain"]
+    Sidechain,
+}
+
+/// How takes are played; mirrors [`PlaybackMode`] with stable ids.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaybackModeParam {
+    /// Anchored on the timeline at the bar line where the prompt ended.
+    #[id = "timeline"]
+    #[name = "Timeline"]
+    Timeline,
+    /// Launched at the next bar line after it arrives.
+    #[id = "next-bar"]
+    #[name = "Next Bar"]
+    NextBar,
+    /// Played by MIDI notes.
+    #[id = "midi"]
+    #[name = "MIDI"]
+    Midi,
+}
+
+impl PlaybackModeParam {
+    /// The player's mode.
+    pub fn mode(self) -> PlaybackMode {
+        match self {
+            Self::Timeline => PlaybackMode::Timeline,
+            Self::NextBar => PlaybackMode::NextBar,
+            Self::Midi => PlaybackMode::Midi,
+        }
+    }
+}
+
+/// When a MIDI note starts the take; mirrors [`MidiQuantise`] with stable ids.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MidiQuantiseParam {
+    /// On the note's own sample.
+    #[id = "immediate"]
+    #[name = "Immediate"]
+    Immediate,
+    /// On the next beat.
+    #[id = "next-beat"]
+    #[name = "Next Beat"]
+    NextBeat,
+}
+
+impl MidiQuantiseParam {
+    /// The player's quantisation.
+    pub fn quantise(self) -> MidiQuantise {
+        match self {
+            Self::Immediate => MidiQuantise::Immediate,
+            Self::NextBeat => MidiQuantise::NextBeat,
+        }
+    }
+}
+
+/// Sampling settings of new generations, persisted (not automatable: they only matter when a
+/// generation starts). Every field has a serde default so older states load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingSettings {
+    /// Take the most likely token instead of sampling.
+    pub greedy: bool,
+    /// Softmax temperature (> 0).
+    pub temperature: f64,
+    /// Keep the `top_k` most likely tokens (at least 1).
+    pub top_k: usize,
+    /// Nucleus sampling threshold in (0, 1]; 1 = off.
+    pub top_p: f64,
+    /// Classifier-free guidance scale (>= 1; 1 = off).
+    pub guidance_scale: f64,
+    /// Seed of the next generation; `None`: a fresh seed each time.
+    pub seed: Option<u64>,
+    /// Takes generated per request (1..=4).
+    pub takes: usize,
+}
+
+impl Default for SamplingSettings {
+    fn default() -> Self {
+        Self {
+            greedy: false,
+            temperature: 1.0,
+            top_k: 250,
+            top_p: 1.0,
+            guidance_scale: 3.0,
+            seed: None,
+            takes: 1,
+        }
+    }
+}
+
+/// The persisted takes: the encoded takes state ([`crate::takes::encode_state`]) as a string,
+/// plus a counter that tells the plugin when the host loaded a new one.
+///
+/// The non-realtime side refreshes the string after every change of the take store; the host
+/// wrapper calls [`PersistentField::set`] when it loads a state (main thread), which only stores
+/// the string and bumps [`TakesField::loaded`], so the plugin rebuilds its takes off the audio
+/// thread (in `activate()` or on its controller thread).
+/// Cheap to clone: clones share one field.
+#[derive(Debug, Default, Clone)]
+pub struct TakesField(Arc<TakesFieldInner>);
+
+#[derive(Debug, Default)]
+struct TakesFieldInner {
+    json: RwLock<String>,
+    loaded: AtomicU64,
+}
+
+impl TakesField {
+    /// Times a state was loaded into this field.
+    pub fn loaded(&self) -> u64 {
+        self.0.loaded.load(Ordering::Acquire)
+    }
+
+    /// The encoded takes state (empty: no takes).
+    pub fn json(&self) -> String {
+        self.0.json.read().clone()
+    }
+
+    /// Replaces the encoded takes state without counting it as a load (the plugin's own saves).
+    pub fn store(&self, json: String) {
+        *self.0.json.write() = json;
+    }
+}
+
+impl<'a> nice_plug::params::persist::PersistentField<'a, String> for TakesField {
+    fn set(&self, new_value: String) {
+        *self.0.json.write() = new_value;
+        self.0.loaded.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn map<F, R>(&self, f: F) -> R
+    where
+        F: Fn(&String) -> R,
+    {
+        f(&self.0.json.read())
+    }
+}
+
 /// The editor window's size in logical pixels; persisted so a reopened project reopens the window
 /// at the size the user left it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +229,55 @@ pub struct SegueParams {
     /// to the output; when off, only what Segue itself plays is heard.
     #[id = "monitor"]
     pub monitor: BoolParam,
+
+    /// Which input is recorded.
+    #[id = "capture-source"]
+    pub capture_source: EnumParam<CaptureSource>,
+
+    /// Length of the prompt in bars (the last bars played before the most recent bar line).
+    #[id = "prompt-bars"]
+    pub prompt_bars: IntParam,
+
+    /// Length of the continuation in bars (at the tempo at capture).
+    #[id = "continuation-bars"]
+    pub continuation_bars: IntParam,
+
+    /// How takes are played.
+    #[id = "playback-mode"]
+    pub playback_mode: EnumParam<PlaybackModeParam>,
+
+    /// When a MIDI note starts the take (MIDI mode).
+    #[id = "midi-quantise"]
+    pub midi_quantise: EnumParam<MidiQuantiseParam>,
+
+    /// Fade after a MIDI note-off, in milliseconds.
+    #[id = "release"]
+    pub release_ms: FloatParam,
+
+    /// The MIDI note that requests a generation ([`NOTE_OFF`]: none).
+    #[id = "generate-note"]
+    pub generate_note: IntParam,
+
+    /// Momentary: a rising edge (off to on) requests a generation at that exact sample.
+    /// Host-automatable, so an automation lane can trigger generations.
+    #[id = "generate"]
+    pub generate: BoolParam,
+
+    /// The text prompt.
+    #[persist = "prompt-text"]
+    pub prompt_text: Arc<RwLock<String>>,
+
+    /// The model: a Hub id or a local folder.
+    #[persist = "model"]
+    pub model: Arc<RwLock<String>>,
+
+    /// Sampling settings of new generations.
+    #[persist = "sampling"]
+    pub sampling: Arc<RwLock<SamplingSettings>>,
+
+    /// Every take, encoded compactly (16-bit PCM at the model's rate).
+    #[persist = "takes"]
+    pub takes: TakesField,
 
     /// Layout version of the persisted state this object holds; see [`migrate_state`].
     #[persist = "state-version"]
@@ -81,6 +305,64 @@ impl Default for SegueParams {
             // Rounds to the 0.1 dB step and never shows "-0.0", so text round-trips exactly.
             .with_value_to_string(formatters::v2s_f32_rounded(1)),
             monitor: BoolParam::new("Input Monitoring", true),
+            capture_source: EnumParam::new("Capture Source", CaptureSource::Main),
+            prompt_bars: IntParam::new(
+                "Prompt Bars",
+                DEFAULT_PROMPT_BARS,
+                IntRange::Linear {
+                    min: PROMPT_BARS_RANGE.0,
+                    max: PROMPT_BARS_RANGE.1,
+                },
+            ),
+            continuation_bars: IntParam::new(
+                "Continuation Bars",
+                DEFAULT_CONTINUATION_BARS,
+                IntRange::Linear {
+                    min: CONTINUATION_BARS_RANGE.0,
+                    max: CONTINUATION_BARS_RANGE.1,
+                },
+            ),
+            playback_mode: EnumParam::new("Playback Mode", PlaybackModeParam::Timeline),
+            midi_quantise: EnumParam::new("MIDI Quantise", MidiQuantiseParam::Immediate),
+            release_ms: FloatParam::new(
+                "Release",
+                30.0,
+                FloatRange::Skewed {
+                    min: 1.0,
+                    max: 2000.0,
+                    factor: FloatRange::skew_factor(-2.0),
+                },
+            )
+            .with_unit(" ms")
+            .with_step_size(0.1),
+            generate_note: IntParam::new(
+                "Generate Note",
+                NOTE_OFF,
+                IntRange::Linear {
+                    min: NOTE_OFF,
+                    max: 127,
+                },
+            )
+            .with_value_to_string(Arc::new(|n| {
+                if n < 0 {
+                    "Off".to_owned()
+                } else {
+                    n.to_string()
+                }
+            }))
+            .with_string_to_value(Arc::new(|s| {
+                let s = s.trim();
+                if s.eq_ignore_ascii_case("off") {
+                    Some(NOTE_OFF)
+                } else {
+                    s.parse().ok()
+                }
+            })),
+            generate: BoolParam::new("Generate", false),
+            prompt_text: Arc::new(RwLock::new(String::new())),
+            model: Arc::new(RwLock::new(default_model())),
+            sampling: Arc::new(RwLock::new(SamplingSettings::default())),
+            takes: TakesField::default(),
             state_version: AtomicU32::new(STATE_VERSION),
             editor_size: Arc::new(RwLock::new(DEFAULT_EDITOR_SIZE)),
         }
@@ -155,10 +437,60 @@ mod tests {
             .into_iter()
             .map(|(id, _, _)| id)
             .collect();
-        assert_eq!(ids, vec!["gain".to_string(), "monitor".to_string()]);
+        assert_eq!(
+            ids,
+            [
+                "gain",
+                "monitor",
+                "capture-source",
+                "prompt-bars",
+                "continuation-bars",
+                "playback-mode",
+                "midi-quantise",
+                "release",
+                "generate-note",
+                "generate"
+            ]
+        );
         let fields = params.serialize_fields();
-        assert!(fields.contains_key("state-version"), "{fields:?}");
-        assert!(fields.contains_key("editor-size"), "{fields:?}");
+        for key in [
+            "state-version",
+            "editor-size",
+            "prompt-text",
+            "model",
+            "sampling",
+            "takes",
+        ] {
+            assert!(fields.contains_key(key), "{key} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn takes_field_counts_host_loads_but_not_own_saves() {
+        use nice_plug::params::persist::PersistentField;
+        let params = SegueParams::default();
+        assert_eq!(params.takes.loaded(), 0);
+        params.takes.store("own".to_owned());
+        assert_eq!(params.takes.loaded(), 0);
+        let fields = params.serialize_fields();
+        assert_eq!(fields["takes"], "\"own\"");
+        let restored = SegueParams::default();
+        restored.deserialize_fields(&fields);
+        assert_eq!(restored.takes.loaded(), 1);
+        assert_eq!(restored.takes.json(), "own");
+        restored.takes.set("again".to_owned());
+        assert_eq!(restored.takes.loaded(), 2);
+        // Clones share the field (the controller thread holds one).
+        assert_eq!(restored.takes.clone().json(), "again");
+    }
+
+    #[test]
+    fn model_defaults_to_the_hub_checkpoint_or_the_environment() {
+        let model = default_model();
+        match std::env::var(MODEL_ENV) {
+            Ok(m) if !m.trim().is_empty() => assert_eq!(model, m),
+            _ => assert_eq!(model, DEFAULT_MODEL),
+        }
     }
 
     #[test]

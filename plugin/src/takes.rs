@@ -735,6 +735,14 @@ fn from_pcm16(x: i16) -> f32 {
     (f32::from(x) / 32767.0).max(-1.0)
 }
 
+/// Rounds audio in place to exactly what the saved state stores (16-bit PCM), so a take sounds
+/// the same before and after the project is saved and reopened.
+pub fn quantise_to_state(samples: &mut [f32]) {
+    for x in samples {
+        *x = from_pcm16(to_pcm16(*x));
+    }
+}
+
 /// Encodes the takes as a compact, versioned JSON string (see [`SavedTakeV1`]), refusing more
 /// than [`MAX_STATE_BYTES`].
 pub fn encode_state(state: &TakesState) -> Result<String, StateError> {

@@ -25,6 +25,7 @@ use clack_extensions::params::{
     HostParams, HostParamsImplMainThread, HostParamsImplShared, ParamClearFlags, ParamInfoBuffer,
     ParamRescanFlags, PluginParams,
 };
+use clack_extensions::render::{PluginRender, RenderMode};
 use clack_extensions::state::{HostState, HostStateImpl, PluginState};
 use clack_host::events::event_types::{NoteOffEvent, NoteOnEvent, ParamValueEvent};
 use clack_host::events::Match;
@@ -506,6 +507,23 @@ impl PluginInstance {
             steady_time: 0,
         });
         Ok(())
+    }
+
+    /// Tells the plugin whether the host renders offline (CLAP render extension; `true`) or in
+    /// real time. Takes effect at the next activation, as hosts reactivate after a change.
+    pub fn set_render_mode(&mut self, offline: bool) -> Result<()> {
+        let handle = self.instance.plugin_handle();
+        let render: PluginRender = handle
+            .get_extension()
+            .context("plugin has no render extension")?;
+        let mode = if offline {
+            RenderMode::Offline
+        } else {
+            RenderMode::Realtime
+        };
+        render
+            .set(&handle, mode)
+            .map_err(|e| anyhow!("render.set({mode:?}) failed: {e}"))
     }
 
     /// Stops processing and deactivates, if active.

@@ -77,6 +77,11 @@ pub struct RenderRequest<'a> {
     pub events: Vec<HostEvent>,
     /// Block lengths.
     pub split: BlockSplit,
+    /// Cut a block where the transport jumps (a scripted seek or a loop wrap) so the jump falls
+    /// on a block start, as many hosts do, instead of announcing it with an event inside the
+    /// block. nice-plug 0.4.2 misplaces the position after an in-block transport event (it adds
+    /// the event's offset to a position that already holds at that offset).
+    pub split_at_transport_changes: bool,
 }
 
 impl<'a> RenderRequest<'a> {
@@ -89,7 +94,14 @@ impl<'a> RenderRequest<'a> {
             transport: None,
             events: Vec::new(),
             split,
+            split_at_transport_changes: false,
         }
+    }
+
+    /// Cuts blocks at transport jumps; see [`RenderRequest::split_at_transport_changes`].
+    pub fn splitting_at_transport_changes(mut self) -> Self {
+        self.split_at_transport_changes = true;
+        self
     }
 
     /// Sets the transport at the first sample.
@@ -145,7 +157,28 @@ pub fn render<'a>(
     let mut start = 0usize;
     let mut next_event = 0usize;
     let mut block_events = Vec::new();
-    for len in request.split.lengths(total) {
+    let mut lengths: std::collections::VecDeque<usize> = request.split.lengths(total).into();
+    while let Some(mut len) = lengths.pop_front() {
+        if request.split_at_transport_changes {
+            // The first jump strictly inside the block: a scripted transport event or the wrap.
+            let scripted = request.events[next_event..]
+                .iter()
+                .filter(|e| matches!(e, HostEvent::Transport { .. }))
+                .map(|e| e.time() as usize)
+                .find(|&t| t > start);
+            let wrap = transport
+                .and_then(|t| t.samples_to_loop_end(sample_rate))
+                .map(|to_end| start + to_end.ceil() as usize);
+            let cut = [scripted, wrap]
+                .into_iter()
+                .flatten()
+                .filter(|&t| t > start && t < start + len)
+                .min();
+            if let Some(cut) = cut {
+                lengths.push_front(start + len - cut);
+                len = cut - start;
+            }
+        }
         let end = start + len;
         block_events.clear();
         while next_event < request.events.len()

@@ -79,7 +79,38 @@ fn parameters_have_stable_ids_and_normalised_ranges() -> Result<()> {
     let lib = PluginLibrary::segue()?;
     let mut plugin = lib.instantiate()?;
     let params = plugin.params()?;
-    assert_eq!(params.len(), 2, "{params:?}");
+    assert_eq!(params.len(), 10, "{params:?}");
+    for id in [
+        "gain",
+        "monitor",
+        "capture-source",
+        "prompt-bars",
+        "continuation-bars",
+        "playback-mode",
+        "midi-quantise",
+        "release",
+        "generate-note",
+        "generate",
+    ] {
+        let p = params
+            .iter()
+            .find(|p| p.id == clap_param_id(id))
+            .unwrap_or_else(|| panic!("no parameter with the id of `{id}`"));
+        // Continuous parameters are normalised; stepped ones count steps from 0 (nice-plug).
+        assert_eq!(p.min, 0.0, "{p:?}");
+        assert!(
+            p.max >= 1.0 && p.default >= 0.0 && p.default <= p.max,
+            "{p:?}"
+        );
+    }
+    // The host-automatable momentary trigger, off by default.
+    let generate = params
+        .iter()
+        .find(|p| p.id == clap_param_id("generate"))
+        .unwrap();
+    assert_ne!(generate.flags & PARAM_IS_AUTOMATABLE, 0);
+    assert_eq!(generate.default, 0.0);
+    assert_eq!(plugin.param_text("generate-note", 0.0)?, "Off");
 
     let gain = params
         .iter()
