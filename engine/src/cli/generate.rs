@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use segue_engine::audio;
 use segue_engine::codec::CodesFile;
+use segue_engine::decoder::Quant;
 use segue_engine::generate::{generate_audio, AudioRequest, Control, GenerateError};
 use segue_engine::hub;
 use segue_engine::model::Musicgen;
@@ -58,6 +59,10 @@ pub struct GenerateArgs {
     /// Decoder weight and compute dtype (the text encoder and codec stay f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// Quantise the decoder's linear layers once at load (q8_0: 8-bit, q4k: 4-bit k-quant);
+    /// needs --dtype f32. The text encoder and codec stay unquantised.
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantArg>,
     /// Output WAV (32-bit float at 32 kHz); only the new audio unless --include-prompt.
     #[arg(long)]
     pub out: PathBuf,
@@ -82,6 +87,22 @@ pub enum DtypeArg {
     F32,
     F16,
     Bf16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    Q4k,
+}
+
+impl QuantArg {
+    pub fn quant(self) -> Quant {
+        match self {
+            Self::Q8_0 => Quant::Q8_0,
+            Self::Q4k => Quant::Q4K,
+        }
+    }
 }
 
 impl DtypeArg {
@@ -150,6 +171,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("--takes must be at least 1");
     }
     let new_frames = new_frames(&args)?;
+    if args.quant.is_some() && args.dtype != DtypeArg::F32 {
+        bail!("--quant computes in f32: drop --dtype or give --dtype f32");
+    }
     let mut sampling = if args.greedy {
         SamplingParams::greedy(3.0)
     } else {
@@ -178,8 +202,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = select_device(args.device)?;
 
     let files = hub::resolve(&args.model, &mut hub_progress())?;
-    let model = Musicgen::load(&files, args.dtype.dtype(), &device)
-        .with_context(|| format!("loading {}", args.model))?;
+    let model = Musicgen::load_with(
+        &files,
+        args.dtype.dtype(),
+        &device,
+        args.quant.map(QuantArg::quant),
+    )
+    .with_context(|| format!("loading {}", args.model))?;
     // The checkpoint's own defaults where the command line says nothing.
     let gen = model.generation_config();
     if args.top_k.is_none() {

@@ -10,7 +10,11 @@ mod codec;
 mod generate;
 
 #[derive(Parser)]
-#[command(name = "segue", version, about = "MusicGen inference: encode, decode, generate, bench")]
+#[command(
+    name = "segue",
+    version,
+    about = "MusicGen inference: encode, decode, generate, bench"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
