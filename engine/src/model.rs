@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::codec::{CheckpointCodec, CodecError, Encodec};
-use crate::decoder::{Decoder, DecoderConfig, DecoderError};
+use crate::decoder::{Decoder, DecoderConfig, DecoderError, Quant};
 use crate::hub::{HubError, ModelFiles};
 use crate::text::{TextEncoder, TextEncoderConfig, TextError, TextTokenizer};
 
@@ -76,6 +76,23 @@ impl Musicgen {
     /// Loads a resolved checkpoint (see [`crate::hub::resolve`]): the decoder in `dtype`, the
     /// text encoder and the codec in f32 (T5 overflows in f16; both run once per generation).
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(files, dtype, device, None)
+    }
+
+    /// As [`Musicgen::load`], with the decoder's linear layers quantised to `quant` once while
+    /// loading (`dtype` must then be f32, the compute dtype of the activations); the text
+    /// encoder and codec are never quantised. See [`Decoder::new_quantized`].
+    pub fn load_with(
+        files: &ModelFiles,
+        dtype: DType,
+        device: &Device,
+        quant: Option<Quant>,
+    ) -> Result<Self, ModelError> {
+        if quant.is_some() && dtype != DType::F32 {
+            return Err(ModelError::Invalid(format!(
+                "quantised decoder weights compute in f32; {dtype:?} cannot be combined with them"
+            )));
+        }
         let json: serde_json::Value = files.read_config()?;
         let config: MusicgenConfig =
             serde_json::from_value(json.clone()).map_err(|e| ModelError::File {
@@ -114,7 +131,7 @@ impl Musicgen {
                 config.decoder.audio_channels
             )));
         }
-        let decoder = Decoder::new(&config.decoder, vb.pp("decoder"))?;
+        let decoder = Decoder::new_quantized(&config.decoder, vb.pp("decoder"), quant)?;
         let text = TextEncoder::new(
             &config.text_encoder,
             config.decoder.hidden_size,

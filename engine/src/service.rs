@@ -28,6 +28,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use crate::audio::Audio;
+use crate::decoder::Quant;
 use crate::generate::{AudioRequest, Control, GenerateError};
 use crate::hub::{self, HubProgress, ModelFiles};
 use crate::longform::{generate_long_audio, LongOptions, WindowConfig};
@@ -80,6 +81,9 @@ pub struct ModelSpec {
     pub source: String,
     pub device: DeviceChoice,
     pub dtype: DTypeChoice,
+    /// Quantised decoder weights (`None`: the decoder runs in `dtype`).
+    #[serde(default)]
+    pub quant: Option<Quant>,
 }
 
 impl ModelSpec {
@@ -89,6 +93,7 @@ impl ModelSpec {
             source: source.into(),
             device: DeviceChoice::Cpu,
             dtype: DTypeChoice::F32,
+            quant: None,
         }
     }
 }
@@ -844,7 +849,7 @@ impl LoadedModel {
         };
         check_memory(&files, dtype, &device)?;
         send(EventKind::Load(LoadStage::Loading));
-        let musicgen = Musicgen::load(&files, dtype, &device)
+        let musicgen = Musicgen::load_with(&files, dtype, &device, spec.quant)
             .map_err(|e| JobError::Failed(format!("model {}: {e}", spec.source)))?;
         let info = ModelInfo {
             spec: spec.clone(),

@@ -332,6 +332,7 @@ impl Worker {
                 source: model,
                 device: DeviceChoice::Auto,
                 dtype: DTypeChoice::F32,
+                quant: None,
             },
             text,
             prompt: Some(audio),
@@ -339,6 +340,9 @@ impl Worker {
             sampling,
             seed,
             takes: settings.takes.clamp(1, 4),
+            // Takes arrive whole; playing a growing take is the streaming work still to come.
+            stream: false,
+            window: None,
         };
         if self.engine.is_none() {
             let engine = Engine::shared().map_err(|e| e.to_string())?;

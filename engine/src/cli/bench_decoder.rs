@@ -1,38 +1,79 @@
-//! Decoder section of `segue bench`: a random-weight decoder of the musicgen-small topology (no
-//! download), guidance on (batch 2), timed per step.
+//! Decoder section of `segue bench`: a random-weight decoder of a real MusicGen topology (no
+//! download), guidance on (batch 2), one table row per weight format: steps/s, real-time
+//! factor, prefill of an audio prompt, peak memory, and the fraction of the memory-bandwidth
+//! floor reached.
 
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use segue_engine::decoder::{Decoder, DecoderConfig};
+use rayon::prelude::*;
+use segue_engine::decoder::{Decoder, DecoderConfig, Quant};
 
 #[derive(clap::Args)]
 pub struct DecoderBenchArgs {
-    /// Decoder steps to time (after one warm-up step).
+    /// Decoder steps to time (after the prefill).
     #[arg(long = "decoder-steps", default_value_t = 50)]
     pub steps: usize,
-    /// Weight and compute dtype of the decoder.
-    #[arg(long = "decoder-dtype", value_enum, default_value = "f32")]
-    pub dtype: BenchDtype,
+    /// Weight formats, one table row each.
+    #[arg(
+        long = "decoder-formats",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "f32,bf16,q8_0,q4k"
+    )]
+    pub formats: Vec<BenchFormat>,
     /// Takes generated together (the decoder batch is twice this with guidance).
     #[arg(long = "decoder-takes", default_value_t = 1)]
     pub takes: usize,
-    /// Per-step products: the host kernel (default), candle's matmul, or both one after the
-    /// other.
+    /// Per-step products of the f32 row: the host kernel (default), candle's matmul, or both
+    /// (two rows).
     #[arg(long = "decoder-kernel", value_enum, default_value = "host")]
     pub kernel: BenchKernel,
-    /// Topology: small (24 layers, width 1024) or medium (48 layers, width 1536).
+    /// Topology: small (24 layers, width 1024, 16 heads, FFN 4096), medium (48 layers, width
+    /// 1536, 24 heads, FFN 6144), or tiny (2 layers, width 256; a smoke test of the bench).
     #[arg(long = "decoder-size", value_enum, default_value = "small")]
     pub size: BenchSize,
+    /// Seconds of audio prompt fed in the prefill (50 frames per second); 0 = just the start
+    /// column.
+    #[arg(long = "decoder-prompt-seconds", default_value_t = 10.0)]
+    pub prompt_seconds: f64,
+    /// MiB of the array read to measure memory bandwidth (well above the last-level cache).
+    #[arg(long = "bandwidth-mib", default_value_t = 1024)]
+    pub bandwidth_mib: usize,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum BenchDtype {
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchFormat {
     F32,
     F16,
     Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    Q4k,
+}
+
+impl BenchFormat {
+    fn label(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4k => "q4k",
+        }
+    }
+    /// Compute dtype and quantisation.
+    fn split(self) -> (DType, Option<Quant>) {
+        match self {
+            Self::F32 => (DType::F32, None),
+            Self::F16 => (DType::F16, None),
+            Self::Bf16 => (DType::BF16, None),
+            Self::Q8_0 => (DType::F32, Some(Quant::Q8_0)),
+            Self::Q4k => (DType::F32, Some(Quant::Q4K)),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -46,105 +87,229 @@ pub enum BenchKernel {
 pub enum BenchSize {
     Small,
     Medium,
+    Tiny,
+}
+
+/// Peak resident memory of this process (`VmHWM`, bytes); `None` where `/proc` does not say.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the peak to the current resident size (Linux: `clear_refs` value 5), so that each
+/// row reports its own peak. Returns whether it worked.
+fn reset_peak_rss() -> bool {
+    // Hand freed heap memory (the random weights' construction leaves plenty) back to the
+    // system first, so that the peak counts what is in use.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Read bandwidth of main memory in bytes/s: every thread sums its share of an array of `mib`
+/// MiB; best of 5 passes after one warm-up pass.
+fn memory_bandwidth(mib: usize) -> f64 {
+    let n = mib * (1 << 20) / 4;
+    let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let chunk = n
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(1 << 16);
+    let pass = || {
+        let t = Instant::now();
+        let s: f32 = data
+            .par_chunks(chunk)
+            .map(|c| {
+                let mut acc = [0f32; 8];
+                for v in c.chunks_exact(8) {
+                    for j in 0..8 {
+                        acc[j] += v[j];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+        t.elapsed().as_secs_f64()
+    };
+    pass();
+    let best = (0..5).map(|_| pass()).fold(f64::INFINITY, f64::min);
+    (n * 4) as f64 / best
+}
+
+struct Row {
+    label: String,
+    steps_per_s: f64,
+    prefill_s: Option<f64>,
+    weight_bytes: usize,
+    peak: Option<u64>,
 }
 
 pub fn run(args: &DecoderBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.steps >= 1, "--decoder-steps must be at least 1");
     anyhow::ensure!(args.takes >= 1, "--decoder-takes must be at least 1");
-    let dtype = match args.dtype {
-        BenchDtype::F32 => DType::F32,
-        BenchDtype::F16 => DType::F16,
-        BenchDtype::Bf16 => DType::BF16,
-    };
+    anyhow::ensure!(
+        args.prompt_seconds.is_finite() && args.prompt_seconds >= 0.0,
+        "--decoder-prompt-seconds must be a number >= 0"
+    );
+    let base = DecoderConfig::default();
     let cfg = match args.size {
-        BenchSize::Small => DecoderConfig::default(),
+        BenchSize::Small => base,
         BenchSize::Medium => DecoderConfig {
             hidden_size: 1536,
             num_hidden_layers: 48,
             num_attention_heads: 24,
             ffn_dim: 6144,
-            ..DecoderConfig::default()
+            ..base
+        },
+        BenchSize::Tiny => DecoderConfig {
+            hidden_size: 256,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            ffn_dim: 512,
+            ..base
         },
     };
+    let prompt_frames = (args.prompt_seconds * 50.0).round() as usize;
+    anyhow::ensure!(
+        prompt_frames + args.steps + 2 <= cfg.max_position_embeddings,
+        "prompt and steps exceed the decoder's {} positions",
+        cfg.max_position_embeddings
+    );
     let device = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
     println!(
-        "decoder: random weights, {} layers, width {}, {} heads, FFN {}, {} codebooks, {:?}, CPU ({threads} threads)",
-        cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_dim, cfg.num_codebooks, dtype
+        "decoder: random weights, {} layers, width {}, {} heads, FFN {}, {} codebooks, CPU ({threads} threads)",
+        cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_dim, cfg.num_codebooks
     );
-    let t0 = Instant::now();
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
-    let mut decoder =
-        Decoder::new(&cfg, vb.pp("decoder")).context("building the random decoder")?;
-    drop(varmap); // the decoder keeps (and has fused) what it needs
-    println!("  built in {:.1} s", t0.elapsed().as_secs_f64());
+    let bw = memory_bandwidth(args.bandwidth_mib.max(1));
+    println!(
+        "  memory read bandwidth: {:.1} GB/s ({} MiB array, {} threads)",
+        bw / 1e9,
+        args.bandwidth_mib,
+        rayon::current_num_threads()
+    );
 
-    // Guidance on: conditional rows then null rows; a 12-token text condition.
+    let mut rows = Vec::new();
+    for &format in &args.formats {
+        let kernels: &[(bool, &str)] = match (format, args.kernel) {
+            (BenchFormat::F32, BenchKernel::Both) => &[(true, ""), (false, ", candle matmul")],
+            (BenchFormat::F32, BenchKernel::Matmul) => &[(false, ", candle matmul")],
+            _ => &[(true, "")],
+        };
+        let (dtype, quant) = format.split();
+        let t0 = Instant::now();
+        let mut decoder = {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
+            Decoder::new_quantized(&cfg, vb.pp("decoder"), quant)
+                .with_context(|| format!("building the random {} decoder", format.label()))?
+            // the varmap drops here: the decoder keeps (and has fused) what it needs
+        };
+        println!(
+            "  {}: built in {:.1} s",
+            format.label(),
+            t0.elapsed().as_secs_f64()
+        );
+        for &(host, suffix) in kernels {
+            decoder.set_host_kernels(host);
+            let label = format!("{}{suffix}", format.label());
+            rows.push(time_steps(&decoder, args, prompt_frames, &label)?);
+        }
+    }
+
+    println!();
+    println!(
+        "| format | steps/s | ms/step | real time | prefill {:.0} s prompt | weights/step | floor steps/s | of floor | peak RSS | peak / weights |",
+        args.prompt_seconds
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let floor = bw / r.weight_bytes as f64;
+        let peak = r
+            .peak
+            .map_or("?".into(), |p| format!("{:.0} MB", p as f64 / 1e6));
+        let ratio = r.peak.map_or("?".into(), |p| {
+            format!("{:.2}", p as f64 / r.weight_bytes as f64)
+        });
+        let prefill = r.prefill_s.map_or("-".into(), |s| format!("{s:.2} s"));
+        println!(
+            "| {} | {:.2} | {:.1} | {:.3}× | {prefill} | {:.0} MB | {:.1} | {:.0}% | {peak} | {ratio} |",
+            r.label,
+            r.steps_per_s,
+            1000.0 / r.steps_per_s,
+            r.steps_per_s / 50.0,
+            r.weight_bytes as f64 / 1e6,
+            floor,
+            100.0 * r.steps_per_s / floor,
+        );
+    }
+    println!(
+        "  batch {} (guidance on, {} take{}); real time = steps/s ÷ 50; floor = bandwidth ÷ weight bytes per step; peak RSS is the process's high-water mark from the row's start (reset per row{})",
+        2 * args.takes,
+        args.takes,
+        if args.takes == 1 { "" } else { "s" },
+        if reset_peak_rss() { "" } else { " not possible here: cumulative" }
+    );
+    Ok(())
+}
+
+fn time_steps(
+    decoder: &Decoder,
+    args: &DecoderBenchArgs,
+    prompt_frames: usize,
+    label: &str,
+) -> anyhow::Result<Row> {
+    let cfg = decoder.config();
+    let device = decoder.device().clone();
     let takes = args.takes;
     let batch = 2 * takes;
+    // Guidance on: conditional rows then null rows; a 12-token text condition.
     let cond_len = 12;
     let cond = Tensor::randn(0f32, 1.0, (batch, cond_len, cfg.hidden_size), &device)?;
     let mask: Vec<f32> = (0..batch)
         .flat_map(|b| (0..cond_len).map(move |_| if b < takes { 1.0 } else { 0.0 }))
         .collect();
     let mask = Tensor::from_vec(mask, (batch, cond_len), &device)?;
-    let kernels: &[(bool, &str)] = match args.kernel {
-        BenchKernel::Host => &[(true, "host kernel")],
-        BenchKernel::Matmul => &[(false, "candle matmul")],
-        BenchKernel::Both => &[(true, "host kernel"), (false, "candle matmul")],
-    };
-    for &(host, label) in kernels {
-        decoder.set_host_kernels(host);
-        time_steps(&decoder, &cond, &mask, args, dtype, label)?;
-    }
-    Ok(())
-}
-
-fn time_steps(
-    decoder: &Decoder,
-    cond: &Tensor,
-    mask: &Tensor,
-    args: &DecoderBenchArgs,
-    dtype: DType,
-    label: &str,
-) -> anyhow::Result<()> {
-    let cfg = decoder.config();
-    let device = decoder.device().clone();
-    let takes = args.takes;
-    let batch = 2 * takes;
-    let capacity = args.steps + 2;
-    let mut state = decoder.new_state(cond, mask, capacity)?;
+    reset_peak_rss();
+    let capacity = prompt_frames + 1 + args.steps + 1;
+    let mut state = decoder.new_state(&cond, &mask, capacity)?;
     let k = cfg.num_codebooks;
-    let step_ids = |i: usize| {
-        Tensor::from_vec(
-            vec![((i * 37) % cfg.vocab_size) as u32; batch * k],
-            (batch, k, 1),
-            &device,
-        )
+    let ids = |width: usize, i: usize| {
+        let v: Vec<u32> = (0..batch * k * width)
+            .map(|j| ((i * 37 + j * 11) % cfg.vocab_size) as u32)
+            .collect();
+        Tensor::from_vec(v, (batch, k, width), &device)
     };
-    decoder.forward(&mut state, &step_ids(0)?)?; // warm-up (the start column)
+    // Prefill: the start column and the prompt in one call, as a continuation does.
+    let t = Instant::now();
+    let logits = decoder.forward(&mut state, &ids(prompt_frames + 1, 0)?)?;
+    let _host: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let prefill = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for i in 0..args.steps {
-        let logits = decoder.forward(&mut state, &step_ids(i + 1)?)?;
+        let logits = decoder.forward(&mut state, &ids(1, i + 1)?)?;
         // What the generation loop does with them: copy to the host.
         let _host: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     }
-    let secs = t.elapsed().as_secs_f64();
-    let sps = args.steps as f64 / secs;
-    let bytes = cfg.step_weight_elements() * dtype.size_in_bytes();
+    let sps = args.steps as f64 / t.elapsed().as_secs_f64();
+    let row = Row {
+        label: label.to_string(),
+        steps_per_s: sps,
+        prefill_s: (prompt_frames > 0).then_some(prefill),
+        weight_bytes: decoder.step_weight_bytes(),
+        peak: peak_rss(),
+    };
     println!(
-        "  {label}: {} steps, batch {batch} (guidance on, {takes} take{}): {:.2} steps/s, {:.1} ms/step, real-time factor {:.3} (50 steps = 1 s)",
-        args.steps,
-        if takes == 1 { "" } else { "s" },
+        "  {label}: {:.2} steps/s, prefill {:.2} s ({} positions), {:.0} MB of weights per step",
         sps,
-        1000.0 / sps,
-        sps / 50.0
+        prefill,
+        prompt_frames + 1,
+        row.weight_bytes as f64 / 1e6
     );
-    println!(
-        "  weights read per step: {:.0} MB, effective {:.1} GB/s",
-        bytes as f64 / 1e6,
-        bytes as f64 * sps / 1e9
-    );
-    Ok(())
+    Ok(row)
 }

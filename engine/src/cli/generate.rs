@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use segue_engine::audio::{self, Audio};
 use segue_engine::codec::CodesFile;
+use segue_engine::decoder::Quant;
 use segue_engine::hub::HubProgress;
 use segue_engine::longform::{DEFAULT_STRIDE_S, DEFAULT_WINDOW_S, MAX_NEW_FRAMES};
 use segue_engine::sampling::SamplingParams;
@@ -64,6 +65,10 @@ pub struct GenerateArgs {
     /// Decoder weight and compute dtype (the text encoder and codec stay f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// Quantise the decoder's linear layers once at load (q8_0: 8-bit, q4k: 4-bit k-quant);
+    /// needs --dtype f32. The text encoder and codec stay unquantised.
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantArg>,
     /// Output WAV (32-bit float at 32 kHz); only the new audio unless --include-prompt.
     #[arg(long)]
     pub out: PathBuf,
@@ -100,6 +105,22 @@ pub enum DtypeArg {
     F32,
     F16,
     Bf16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    Q4k,
+}
+
+impl QuantArg {
+    pub fn quant(self) -> Quant {
+        match self {
+            Self::Q8_0 => Quant::Q8_0,
+            Self::Q4k => Quant::Q4K,
+        }
+    }
 }
 
 impl DtypeArg {
@@ -163,6 +184,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let new_frames = new_frames(&args)?;
     let window = window(&args)?;
+    if args.quant.is_some() && args.dtype != DtypeArg::F32 {
+        bail!("--quant computes in f32: drop --dtype or give --dtype f32");
+    }
     let mut sampling = if args.greedy {
         SamplingParams::greedy(3.0)
     } else {
@@ -195,6 +219,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         source: args.model.clone(),
         device: args.device.choice(),
         dtype: args.dtype.choice(),
+        quant: args.quant.map(QuantArg::quant),
     };
     let load = client.load(spec.clone(), Policy::Queue);
     let mut download = hub_progress();

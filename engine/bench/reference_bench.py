@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Side-by-side decoder speed: the reference MusicGen decoder (`transformers` + `torch`, CPU)
+against `segue bench`, on random weights of the same topology, with guidance on (batch 2).
+
+Not run by CI. Usage (from the repository root, after a release build):
+
+    python3 -m venv .benchvenv && .benchvenv/bin/pip install -r engine/bench/requirements.txt
+    cargo build --release -p segue-engine --bin segue
+    .benchvenv/bin/python engine/bench/reference_bench.py --steps 50 [--medium] [--threads 2]
+
+What is timed on the reference: `MusicgenForCausalLM` (the decoder and its four heads) built
+from `MusicgenDecoderConfig` with random weights, f32, `torch.inference_mode()`, KV cache on; a
+12-token condition whose second row is the null condition (mask all zero), as guidance runs it;
+one prefill call over the start column, then `--steps` single-column calls, each fed the
+previous step's argmax (sampling is not part of the timed work on either side). segue's
+figures come from its own bench (`segue bench --only decoder`, same topology, same batch,
+prefill of the start column only), parsed from its table. Prints both and the ratios.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+
+def reference_steps_per_s(medium: bool, steps: int, threads: int) -> float:
+    import torch
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if medium:
+        cfg = MusicgenDecoderConfig(hidden_size=1536, num_hidden_layers=48,
+                                    num_attention_heads=24, ffn_dim=6144)
+    else:
+        cfg = MusicgenDecoderConfig(hidden_size=1024, num_hidden_layers=24,
+                                    num_attention_heads=16, ffn_dim=4096)
+    model = MusicgenForCausalLM(cfg).eval()
+    k, batch, cond_len = cfg.num_codebooks, 2, 12
+    cond = torch.randn(batch, cond_len, cfg.hidden_size)
+    mask = torch.zeros(batch, cond_len, dtype=torch.long)
+    mask[0] = 1  # row 1 is the null condition of guidance
+    cond = cond * mask[..., None]
+    ids = torch.full((batch * k, 1), cfg.bos_token_id, dtype=torch.long)
+    with torch.inference_mode():
+        out = model(input_ids=ids, encoder_hidden_states=cond,
+                    encoder_attention_mask=mask, use_cache=True)
+        past = out.past_key_values
+        ids = out.logits[:, -1].argmax(-1).reshape(batch * k, 1)
+        t = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=ids, encoder_hidden_states=cond,
+                        encoder_attention_mask=mask, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            ids = out.logits[:, -1].argmax(-1).reshape(batch * k, 1)
+        return steps / (time.perf_counter() - t)
+
+
+def segue_rows(segue: str, medium: bool, steps: int, formats: str) -> dict:
+    cmd = [segue, "bench", "--only", "decoder", "--decoder-steps", str(steps),
+           "--decoder-formats", formats, "--decoder-prompt-seconds", "0",
+           "--decoder-size", "medium" if medium else "small"]
+    print("$", " ".join(cmd), flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    print(out)
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"\|\s*([a-z0-9_]+)\s*\|\s*([0-9.]+)\s*\|", line)
+        if m:
+            rows[m.group(1)] = float(m.group(2))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--medium", action="store_true", help="musicgen-medium topology")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--segue", default="target/release/segue")
+    ap.add_argument("--formats", default="f32,bf16,q8_0,q4k")
+    args = ap.parse_args()
+
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
+    ref = reference_steps_per_s(args.medium, args.steps, args.threads)
+    print(f"reference (transformers, torch {args.threads} threads, f32): {ref:.2f} steps/s",
+          flush=True)
+    rows = segue_rows(args.segue, args.medium, args.steps, args.formats)
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print("| implementation | steps/s | × reference f32 |")
+    print("|---|---|---|")
+    print(f"| reference f32 | {ref:.2f} | 1.00 |")
+    for name, sps in rows.items():
+        print(f"| segue {name} | {sps:.2f} | {sps / ref:.2f} |")
+    if not rows:
+        sys.exit("no rows parsed from segue bench")
+
+
+if __name__ == "__main__":
+    main()
