@@ -396,9 +396,11 @@ impl Worker {
         });
         let mut built = Vec::with_capacity(takes.len());
         for (i, take) in takes.into_iter().enumerate() {
+            // The engine decodes prompt and continuation together; the take is the new part.
+            let continuation = take.continuation();
             let mut source = SourceAudio {
-                sample_rate: take.audio.sample_rate,
-                channels: take.audio.channels,
+                sample_rate: continuation.sample_rate,
+                channels: continuation.channels,
             };
             for channel in &mut source.channels {
                 quantise_to_state(channel);
