@@ -462,6 +462,27 @@ pub struct AudioOutput {
     pub timings: AudioTimings,
 }
 
+/// One [`Take`] per generated row: its seed and codes from `out`, its decoded `audio` (prompt
+/// and continuation together, one item per row in row order).
+pub(crate) fn assemble_takes(
+    model: &Musicgen,
+    out: &CodesOutput,
+    audio: impl IntoIterator<Item = Audio>,
+) -> Vec<Take> {
+    let prompt_samples = out.prompt_frames * model.hop_length();
+    out.codes
+        .iter()
+        .zip(audio)
+        .zip(&out.seeds)
+        .map(|((codes, audio), &seed)| Take {
+            seed,
+            codes: codes.clone(),
+            audio,
+            prompt_samples,
+        })
+        .collect()
+}
+
 /// Frames the codec makes of `samples` samples at the model's rate (`ceil(samples / hop)`).
 pub fn frames_for_samples(model: &Musicgen, samples: usize) -> usize {
     samples.div_ceil(model.hop_length())
@@ -525,22 +546,11 @@ pub fn generate_audio(
     let codes = out.to_tensor(model.codec().device())?;
     let audio = model.codec().decode_interleaved(&codes, channels)?; // (takes, C, samples)
     let audio: Vec<Vec<Vec<f32>>> = audio.to_dtype(candle_core::DType::F32)?.to_vec3()?;
-    let prompt_samples = out.prompt_frames * model.hop_length();
-    let takes = out
-        .codes
-        .iter()
-        .zip(audio)
-        .zip(&out.seeds)
-        .map(|((codes, channels), &seed)| Take {
-            seed,
-            codes: codes.clone(),
-            audio: Audio {
-                sample_rate: rate,
-                channels,
-            },
-            prompt_samples,
-        })
-        .collect();
+    let audio = audio.into_iter().map(|channels| Audio {
+        sample_rate: rate,
+        channels,
+    });
+    let takes = assemble_takes(model, &out, audio);
     Ok(AudioOutput {
         takes,
         prompt_frames: out.prompt_frames,

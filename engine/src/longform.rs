@@ -24,8 +24,8 @@ use candle_core::{DType, Tensor};
 
 use crate::audio::{resample, Audio};
 use crate::generate::{
-    frames_for_samples, generate_codes, AudioOutput, AudioRequest, AudioTimings, CodesOutput,
-    CodesRequest, Condition, Control, FrameReady, GenerateError, StepInfo, Take, Timings,
+    assemble_takes, frames_for_samples, generate_codes, AudioOutput, AudioRequest, AudioTimings,
+    CodesOutput, CodesRequest, Condition, Control, FrameReady, GenerateError, StepInfo, Timings,
 };
 use crate::model::Musicgen;
 use crate::pattern::{codebook_delays, sequence_len};
@@ -498,19 +498,7 @@ pub fn generate_long_audio(
             opts.chunked_decode,
         )?
     };
-    let prompt_samples = out.prompt_frames * model.hop_length();
-    let takes = out
-        .codes
-        .iter()
-        .zip(audio)
-        .zip(&out.seeds)
-        .map(|((codes, audio), &seed)| Take {
-            seed,
-            codes: codes.clone(),
-            audio,
-            prompt_samples,
-        })
-        .collect();
+    let takes = assemble_takes(model, &out, audio);
     Ok((
         AudioOutput {
             takes,
