@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crossbeam_channel::{Receiver, Sender};
 use nice_plug::prelude::*;
 use parking_lot::Mutex;
 use segue_engine::audio::{resample, Audio};
@@ -47,6 +48,23 @@ pub const MODEL_RATE: u32 = 32_000;
 /// Value of [`Shared::generate_at`] meaning "no request pending".
 const NO_REQUEST: u64 = u64::MAX;
 
+/// What the editor (or any non-realtime caller) asks of the controller thread. Sent with
+/// [`Shared::send`]; handled in order on the controller thread, which reports failures in
+/// [`Shared::status`]. Never sent by the audio thread.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Stop the running generation (its partial takes are dropped).
+    Cancel,
+    /// Play this take (`None`: none).
+    Select(Option<TakeId>),
+    /// Give a take a new name.
+    Rename(TakeId, String),
+    /// Remove a take (stopping it if it plays).
+    Delete(TakeId),
+    /// Continue a take from its end: its tail is the prompt, the result one longer take.
+    Extend(TakeId),
+}
+
 /// What one plugin instance's audio thread, controller thread and editor share.
 pub struct Shared {
     /// Every take and the player's command queue.
@@ -65,10 +83,15 @@ pub struct Shared {
     takes_loaded: AtomicU64,
     /// A one-line account of the last generation (for the editor and the log).
     pub status: Mutex<String>,
+    /// The sending end of the command queue (cloned by whoever sends).
+    commands_tx: Sender<Command>,
+    /// The receiving end, read by the controller thread of the current activation.
+    commands_rx: Receiver<Command>,
 }
 
 impl Default for Shared {
     fn default() -> Self {
+        let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
         Self {
             store: Mutex::new(TakeStore::new()),
             capture: Mutex::new(None),
@@ -77,6 +100,8 @@ impl Default for Shared {
             busy: AtomicBool::new(false),
             takes_loaded: AtomicU64::new(0),
             status: Mutex::new(String::new()),
+            commands_tx,
+            commands_rx,
         }
     }
 }
@@ -94,6 +119,13 @@ impl Shared {
     #[inline]
     pub fn busy(&self) -> bool {
         self.busy.load(Ordering::Acquire) || self.generate_at.load(Ordering::Acquire) != NO_REQUEST
+    }
+
+    /// Queues a command for the controller thread. Not realtime-safe (the queue allocates);
+    /// commands sent while the plugin is inactive wait for the next activation.
+    pub fn send(&self, command: Command) {
+        // Both ends live in `self`, so the queue cannot be disconnected.
+        let _ = self.commands_tx.send(command);
     }
 
     fn set_status(&self, text: String) {
@@ -248,6 +280,12 @@ impl Worker {
                 self.fail(e);
             }
         }
+        while let Ok(command) = self.shared.commands_rx.try_recv() {
+            if let Err(e) = self.command(command) {
+                nice_warn!("{e}");
+                self.shared.set_status(e);
+            }
+        }
         let event = match &self.engine {
             Some((_, client)) if self.job.is_some() => client.events.recv_timeout(POLL).ok(),
             _ => {
@@ -269,6 +307,46 @@ impl Worker {
         if self.shared.generate_at.load(Ordering::Acquire) == NO_REQUEST {
             self.shared.busy.store(false, Ordering::Release);
         }
+    }
+
+    fn command(&mut self, command: Command) -> Result<(), String> {
+        match command {
+            Command::Cancel => {
+                if let (Some(job), Some((_, client))) = (&self.job, &self.engine) {
+                    client.cancel(job.id);
+                }
+                Ok(())
+            }
+            Command::Select(id) => self
+                .shared
+                .store
+                .lock()
+                .select(id, None)
+                .map_err(|e| format!("cannot play the take: {e}")),
+            Command::Rename(id, name) => {
+                let mut store = self.shared.store.lock();
+                store
+                    .rename(id, &name)
+                    .map_err(|e| format!("cannot rename the take: {e}"))?;
+                save_store(&store, &self.params);
+                Ok(())
+            }
+            Command::Delete(id) => {
+                let mut store = self.shared.store.lock();
+                store
+                    .remove(id)
+                    .map_err(|e| format!("cannot delete the take: {e}"))?;
+                save_store(&store, &self.params);
+                Ok(())
+            }
+            Command::Extend(id) => self.extend(id),
+        }
+    }
+
+    /// Starts a generation that continues take `id` from its end.
+    fn extend(&mut self, id: TakeId) -> Result<(), String> {
+        let _ = id;
+        Err("extending a take is not available yet".to_owned())
     }
 
     fn start(&mut self, at_frame: u64) -> Result<(), String> {
