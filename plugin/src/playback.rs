@@ -35,6 +35,7 @@ use std::mem;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::stream::plays_through;
 use crate::takes::{Take, TakeId};
 use crate::transport::{
     block_end_beats, continues_at, take_frame_at, Grid, TransportSnapshot, BEAT_EPSILON,
@@ -423,10 +424,19 @@ impl Voice {
     }
 }
 
-/// True when `take` has audio at `frame` and, unless complete, `margin` frames beyond it.
+/// True when `take` played from `frame` from now on plays through to its end: a complete take
+/// has audio there; a growing one has `margin` frames beyond it and, at its measured pace, keeps
+/// ahead of playback (see [`crate::stream::plays_through`]).
 fn ready(take: &Take, frame: usize, margin: usize) -> bool {
     let (valid, complete) = take.available();
-    frame < valid && (complete || valid - frame >= margin)
+    plays_through(
+        frame,
+        valid,
+        complete,
+        take.pace().as_ref(),
+        take.sample_rate(),
+        margin,
+    )
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -575,6 +585,14 @@ impl Player {
                         self.status.rate_mismatch.store(!ok, Ordering::Relaxed);
                         ok
                     });
+                    if let Some(new) = take.as_ref().filter(|t| self.extends_main(t)) {
+                        // A new version of the take the main voice plays (an extension: the
+                        // same audio followed by more): it goes on in it where it is.
+                        self.main.take = Some(new.clone());
+                        // The old version is dropped here: not the last reference.
+                        self.selected = take;
+                        continue;
+                    }
                     let same = match (&take, &self.selected) {
                         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                         (None, None) => true,
@@ -605,6 +623,20 @@ impl Player {
                 }
             }
         }
+    }
+
+    /// Whether `take` is another version of the main voice's take (same id) that has audio where
+    /// the voice is (or the voice waits anyway), so the voice can move over to it unheard.
+    fn extends_main(&self, take: &Arc<Take>) -> bool {
+        let Some(old) = &self.main.take else {
+            return false;
+        };
+        if Arc::ptr_eq(old, take) || old.id() != take.id() {
+            return false;
+        }
+        let (valid, complete) = take.available();
+        let pos = self.main.pos;
+        self.main.starved || (complete && pos < valid) || valid >= pos + self.fade
     }
 
     /// Moves the main voice to a tail slot, fading out.
@@ -661,8 +693,8 @@ impl Player {
         let fade = fade_in.then_some(self.fade);
         self.main = Voice::start(take, frame, fade, velocity);
         if !ready {
+            // Waiting for a growing take to start is not an underrun: nothing was cut.
             self.main.starved = true;
-            self.status.underruns.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -780,7 +812,10 @@ impl Player {
             match self.selected.clone() {
                 Some(take) => {
                     let offset = match &grid {
-                        Some(g) => self.launch_offset(g, n),
+                        // A growing take launches at the first bar line from which it plays
+                        // through (it is checked at the bar line in this block: the judgment
+                        // only changes between blocks).
+                        Some(g) => self.launch_offset(g, n).filter(|_| ready(&take, 0, margin)),
                         // No musical position: no bar lines to wait for.
                         None => self.launch_not_before.is_none().then_some(0),
                     };
