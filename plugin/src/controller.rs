@@ -11,10 +11,22 @@
 //!   the engine's events. The audio thread never wakes it (that would need a system call).
 //! - Generation: the prompt is cut from the capture history as it stood at the press, resampled
 //!   to 32 kHz (rubato, through `segue_engine::audio::resample`) and sent to the engine service
-//!   ([`Engine::shared`], one inference thread for every instance in the process). Finished takes
-//!   are rounded to the state's 16-bit precision (so a reloaded project sounds the same),
-//!   resampled to the host rate, inserted into the [`TakeStore`] and selected; the store hands
-//!   them to the audio thread through the player's lock-free queue.
+//!   ([`Engine::shared`], one inference thread for every instance in the process).
+//! - Streaming: the engine sends each take's continuation in chunks. Each chunk is rounded to the
+//!   state's 16-bit precision (so a reloaded project sounds the same), resampled to the host rate
+//!   by a [`StreamResampler`] carried from chunk to chunk (its output is bit for bit the one-shot
+//!   resampling a reloaded take gets) and appended to a growing [`Take`] and to its 32 kHz
+//!   source. A new take is inserted into the [`TakeStore`] (and the first one selected) when its
+//!   first chunk arrives; the store hands it to the audio thread through the player's lock-free
+//!   queue, and the player starts it where it can play through (see [`crate::stream`]): after
+//!   every decoder step the take's [`Pace`] is republished. `Finished` flushes the resampler
+//!   and completes the take; only then is it saved in the state (a project saved meanwhile holds
+//!   what was final). A cancelled or failed generation removes its partial takes: the take list
+//!   only holds takes a musician can keep (the part heard so far was a preview).
+//! - Extend ([`Command::Extend`]): the take's tail is the prompt; the same take (id, name,
+//!   anchor) is replaced by a growing one holding its old audio followed by the continuation, so
+//!   it plays on seamlessly from the old end; the state keeps the old audio until the extension
+//!   completes, and a cancelled extension puts the old take back.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -1267,5 +1279,80 @@ mod tests {
             assert_eq!(state.takes[0].source.frames(), old_frames + new_frames);
             assert_eq!(state.takes[0].anchor, Some(anchor()));
         }
+    }
+
+    /// Extending a take with the real engine (the tiny fixture checkpoint): the same take grows
+    /// by the requested bars (the continuation-bars parameter, 4 by default, at the take's
+    /// tempo), its old audio unchanged, and it survives a state round trip sample for sample.
+    #[test]
+    fn extend_with_the_real_engine_grows_the_take_by_the_requested_bars() {
+        let mut w = worker();
+        *w.params.model.write() = format!(
+            "{}/../engine/fixtures/tiny-musicgen-mono",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let bars = w.params.continuation_bars.value();
+        assert_eq!(bars, crate::params::DEFAULT_CONTINUATION_BARS);
+        // One bar at 120 BPM: 2 s.
+        let mut old = signal(2 * MODEL_RATE as usize, 0.7);
+        quantise_to_state(&mut old);
+        let source = SourceAudio {
+            sample_rate: MODEL_RATE,
+            channels: vec![old.clone()],
+        };
+        let id = TakeId::fresh();
+        {
+            let mut store = w.shared.store.lock();
+            store.insert(TakeEntry {
+                id,
+                name: "Take 1".into(),
+                info: GenerationInfo {
+                    continuation_bars: 1.0,
+                    ..GenerationInfo::default()
+                },
+                anchor: Some(anchor()),
+                source: source.clone(),
+                take: build_take(id, SR, Some(&anchor()), &source).unwrap(),
+            });
+            store.select(Some(id), None).unwrap();
+        }
+        w.extend(id).unwrap();
+        assert!(w.shared.busy());
+        let started = Instant::now();
+        while w.job.is_some() {
+            assert!(started.elapsed() < Duration::from_secs(300), "no end");
+            w.step();
+        }
+        assert!(!w.shared.busy(), "{}", w.shared.status.lock());
+        let store = w.shared.store.lock();
+        assert_eq!(store.entries().len(), 1, "{}", w.shared.status.lock());
+        let e = store.get(id).unwrap();
+        let added = continuation_frames(f64::from(bars) * 2.0);
+        assert_eq!(e.source.frames(), old.len() + added);
+        assert_eq!(added, bars as usize * 2 * MODEL_RATE as usize);
+        assert_eq!(e.source.channels[0][..old.len()], old[..]);
+        assert!(e.source.channels[0][old.len()..]
+            .iter()
+            .any(|x| x.abs() > 1e-3));
+        assert_eq!(e.info.continuation_bars, 1.0 + bars as f32);
+        assert_eq!(e.anchor, Some(anchor()));
+        assert_eq!(store.selected(), Some(id));
+        let live = e.take.to_planar();
+        assert!(e.take.available().1);
+        assert_eq!(
+            live[0].len(),
+            frames_at(e.source.frames(), MODEL_RATE, SR as u32)
+        );
+        drop(store);
+        // Saved and restored: the same audio.
+        let state = saved(&w);
+        assert_eq!(state.takes.len(), 1);
+        let mut restored = TakeStore::new();
+        let errors = restored.restore(state, |id, saved| {
+            build_take(id, SR, saved.anchor.as_ref(), &saved.source)
+        });
+        assert!(errors.is_empty());
+        assert_eq!(restored.entries()[0].take.to_planar(), live);
+        assert_eq!(restored.entries()[0].anchor, Some(anchor()));
     }
 }
