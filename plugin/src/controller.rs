@@ -280,6 +280,9 @@ struct Job {
     expected_frames: usize,
     /// The growing take of each take index, from its first chunk on.
     streams: Vec<Option<Growing>>,
+    /// Take indices whose take left the store while growing (deleted, or replaced by a loaded
+    /// state): the rest of their audio is dropped.
+    gone: Vec<bool>,
     /// The last progress: `(step, total, steps per second)`, and when it arrived.
     progress: Option<(usize, usize, f64)>,
     progress_at: Option<Instant>,
@@ -563,6 +566,7 @@ impl Worker {
             kind,
             expected_frames,
             streams: (0..takes).map(|_| None).collect(),
+            gone: vec![false; takes],
             progress: None,
             progress_at: None,
             chunk_delay_s: 0.0,
@@ -689,6 +693,9 @@ impl Worker {
                     job.streams.len()
                 ));
             }
+            if job.gone[index] {
+                return Ok(());
+            }
             let mut channels = audio.channels;
             for channel in &mut channels {
                 quantise_to_state(channel);
@@ -719,7 +726,7 @@ impl Worker {
             if let Some(pace) = pace_of(&measured, g, sample_rate) {
                 g.writer.set_pace(&pace);
             }
-            // A state loaded meanwhile may have removed the take: it then just stops growing.
+            // Deleted meanwhile (or replaced by a loaded state): it just stops growing.
             if self
                 .shared
                 .store
@@ -728,6 +735,7 @@ impl Worker {
                 .is_err()
             {
                 job.streams[index] = None;
+                job.gone[index] = true;
             }
             Ok(())
         })();
@@ -863,6 +871,9 @@ impl Worker {
     ) -> Result<(), String> {
         let mut built = Vec::new();
         for (i, take) in takes.into_iter().enumerate() {
+            if job.gone.get(i).copied().unwrap_or(false) {
+                continue;
+            }
             let mut info = job.info.clone();
             info.seed = Some(take.meta.seed);
             if let Some(mut g) = job.streams.get_mut(i).and_then(Option::take) {
@@ -1013,6 +1024,7 @@ mod tests {
             kind,
             expected_frames,
             streams: (0..takes).map(|_| None).collect(),
+            gone: vec![false; takes],
             progress: None,
             progress_at: None,
             chunk_delay_s: 0.0,
@@ -1146,6 +1158,24 @@ mod tests {
         assert_eq!(state.takes.len(), 1);
         assert_eq!(state.selected, Some(0));
         assert_eq!(state.takes[0].source.frames(), frames);
+    }
+
+    /// A take deleted while it grows stays deleted: its later chunks and the finished take are
+    /// dropped.
+    #[test]
+    fn a_take_deleted_while_growing_stays_deleted() {
+        let mut w = worker();
+        let frames = 10 * HOP;
+        let audio = signal(frames, 0.1);
+        w.job = Some(job(5, JobKind::New, frames, 1));
+        w.handle(5, chunk(0, &audio[..4 * HOP]));
+        let id = w.shared.store.lock().entries()[0].id;
+        w.command(Command::Delete(id)).unwrap();
+        w.handle(5, chunk(4 * HOP, &audio[4 * HOP..]));
+        w.handle(5, finished(&audio));
+        assert!(w.job.is_none());
+        assert!(w.shared.store.lock().entries().is_empty());
+        assert!(saved(&w).takes.is_empty());
     }
 
     /// A cancelled or failed generation leaves no partial take.

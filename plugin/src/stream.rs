@@ -29,9 +29,13 @@
 //!   catches up with the timeline after some bars (the slower, the later); generation slower than
 //!   real time never does, so it is heard on the next pass (a loop or a replay), complete or far
 //!   enough ahead by then. Seeks and loops place it as any take, with the same judgment.
-//! - MIDI: a note plays the take from its start at once, with whatever audio there is (a
-//!   musician's note is not delayed to a bar line); a shortage fades out and resumes at once when
-//!   the margin is there.
+//! - MIDI: a note starts the take from its first frame at once when it can play through from
+//!   there (a musician's note is not delayed to a bar line); otherwise the voice waits silently,
+//!   its position moving on with time as a held note's would, and comes in (faded) as soon as it
+//!   can play through from where it is.
+//! - Extending a take replaces it by a longer growing take with the same id: a voice playing the
+//!   old version moves over to the new one where it is, unheard, and plays on past the old end
+//!   (see `crate::playback`).
 //!
 //! Offline rendering does not stream: the plugin waits in `process()` until the generation ends
 //! (see `lib.rs`), so a bounce contains the whole take.
