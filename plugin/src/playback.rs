@@ -27,9 +27,14 @@
 //!   old one with a short fade. The transport does not matter except for quantising.
 //!
 //! Every cut (stop, seek, loop, reselection, retrigger) fades over [`FADE_MS`]; a complete take's
-//! last [`FADE_MS`] fade out. A growing take whose audio runs out fades out in time (ending on the
-//! last written frame), counts an underrun, keeps its place silently and resumes with a fade-in
-//! at a bar line (MIDI: at once) when enough audio has arrived.
+//! last [`FADE_MS`] fade out. A growing take (streaming) starts, in every mode, only where it can
+//! play through to its end at its measured pace ([`crate::stream::plays_through`]): next-bar mode
+//! delays the launch to such a bar line, timeline mode waits silently in place and joins at one,
+//! MIDI waits in place and comes in as soon as it can; waiting to start is not an underrun. A
+//! growing take whose audio runs out anyway fades out in time (ending on the last written frame),
+//! counts an underrun, keeps its place silently and resumes with a fade-in at the first bar line
+//! (MIDI: at once) from which it can again play through. A new version of the playing take (same
+//! id: an extension) takes over from the old one where the voice is, unheard.
 
 use std::mem;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

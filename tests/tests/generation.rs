@@ -532,17 +532,21 @@ struct StreamedRun {
     take: Vec<f32>,
 }
 
-/// Plays the phrase, presses `generate` for an 8-bar continuation at 120 BPM in next-bar mode
-/// and goes on in real time (blocks handed over no faster than a live host would) until the
-/// take has played to its end.
-fn streamed_run(lib: &PluginLibrary, rate: f64) -> Result<StreamedRun> {
+/// Playback modes as the `playback-mode` parameter counts them.
+const TIMELINE: f64 = 0.0;
+const NEXT_BAR: f64 = 1.0;
+
+/// Plays the phrase, presses `generate` for an 8-bar continuation at 120 BPM in playback mode
+/// `mode` and goes on in real time (blocks handed over no faster than a live host would) until
+/// the take has played to its end (next bar: from its first frame; timeline: to the end of its
+/// span on the timeline).
+fn streamed_run(lib: &PluginLibrary, rate: f64, mode: f64) -> Result<StreamedRun> {
     let tempo = 120.0;
     let split = BlockSplit::Fixed(512);
     let mut plugin = lib.instantiate()?;
     plugin.set_param("monitor", 0.0)?;
     set_int(&mut plugin, "continuation-bars", 8, 1)?;
-    // Next Bar: the second of the playback modes.
-    plugin.set_param("playback-mode", 1.0)?;
+    plugin.set_param("playback-mode", mode)?;
     plugin.activate(rate, split.max_len())?;
     let first = play_phrase_and_generate(&mut plugin, rate, tempo, &split)?;
     let pressed = Instant::now();
@@ -577,7 +581,13 @@ fn streamed_run(lib: &PluginLibrary, rate: f64) -> Result<StreamedRun> {
             .iter()
             .position(|x| *x != 0.0)
             .map(|i| press + i);
-        if start.is_some_and(|s| done > s + take_frames + bar) {
+        // Timeline: the take spans bars 5 to 12 on the timeline, wherever it joins.
+        let end = match start {
+            Some(_) if mode == TIMELINE => Some(4 * bar + take_frames),
+            Some(s) => Some(s + take_frames),
+            None => None,
+        };
+        if end.is_some_and(|e| done > e + bar) {
             break;
         }
         ensure!(
@@ -609,7 +619,7 @@ fn a_streamed_take_starts_on_a_bar_line_and_plays_through_without_a_gap() -> Res
     use_tiny_model();
     let lib = PluginLibrary::segue()?;
     let rate = 48_000.0;
-    let run = streamed_run(&lib, rate)?;
+    let run = streamed_run(&lib, rate, NEXT_BAR)?;
     let (bar, start) = (run.bar, run.start);
     assert_eq!(run.take.len(), 8 * bar, "8 bars at 120 BPM");
     assert!(start > run.press, "nothing played");
@@ -635,6 +645,40 @@ fn a_streamed_take_starts_on_a_bar_line_and_plays_through_without_a_gap() -> Res
     Ok(())
 }
 
+/// Streaming, live, in timeline mode: the take is anchored at bar 5, where the prompt ended,
+/// which is past when its audio arrives; it joins on the first bar line from which it can play
+/// through (faded in there) and from then on plays exactly what the finished take holds at that
+/// place on the timeline, to its end, without a gap.
+#[test]
+fn a_streamed_take_joins_the_timeline_on_a_bar_line_and_plays_through() -> Result<()> {
+    use_tiny_model();
+    let lib = PluginLibrary::segue()?;
+    let rate = 48_000.0;
+    let run = streamed_run(&lib, rate, TIMELINE)?;
+    let (bar, start) = (run.bar, run.start);
+    let anchor = 4 * bar;
+    assert!(start > run.press, "nothing played");
+    assert_eq!(start % bar, 0, "joins at sample {start}, not on a bar line");
+    assert!(
+        start <= run.completed_at.next_multiple_of(bar) + bar,
+        "joined at {start}, complete by {}",
+        run.completed_at
+    );
+    let fade = fade_frames(rate);
+    assert!(run.output[0][start..start + fade].iter().any(|x| *x != 0.0));
+    for (c, channel) in run.output.iter().enumerate() {
+        for i in start + fade..anchor + run.take.len() {
+            let j = i - anchor;
+            assert_eq!(
+                channel[i],
+                with_tail(&run.take, j, fade),
+                "channel {c}, take frame {j} (output sample {i})"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Benchmark (not a timed test): time from the press to the first audible sample of an 8-bar
 /// continuation at 120 BPM played live in next-bar mode, and whether playback waited (started
 /// after the first bar line following the press) or ever stopped in the middle. The model is
@@ -649,7 +693,7 @@ fn bench_streamed_take_time_to_first_audible_sample() -> Result<()> {
     }
     let lib = PluginLibrary::segue()?;
     let rate = 48_000.0;
-    let run = streamed_run(&lib, rate)?;
+    let run = streamed_run(&lib, rate, NEXT_BAR)?;
     let bar = run.bar;
     let next_bar = run.press.next_multiple_of(bar);
     let played = &run.output[0][run.start..run.start + run.take.len()];
