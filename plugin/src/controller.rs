@@ -940,6 +940,19 @@ impl Worker {
     }
 }
 
+impl Drop for Worker {
+    /// The controller stops (deactivation) with a job running: its engine job is cancelled (the
+    /// client goes with the worker) and its partial takes are discarded, as on a cancel.
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            self.discard(job);
+            if self.shared.generate_at.load(Ordering::Acquire) == NO_REQUEST {
+                self.shared.busy.store(false, Ordering::Release);
+            }
+        }
+    }
+}
+
 /// What a job measured of its speed.
 #[derive(Clone, Copy)]
 struct JobPace {
@@ -1176,6 +1189,19 @@ mod tests {
         assert!(w.job.is_none());
         assert!(w.shared.store.lock().entries().is_empty());
         assert!(saved(&w).takes.is_empty());
+    }
+
+    /// A controller stopped mid-generation (deactivation) leaves no partial take behind.
+    #[test]
+    fn stopping_the_controller_discards_the_partial_take() {
+        let mut w = worker();
+        let shared = w.shared.clone();
+        w.job = Some(job(6, JobKind::New, 10 * HOP, 1));
+        w.handle(6, chunk(0, &signal(4 * HOP, 0.2)));
+        assert_eq!(shared.store.lock().entries().len(), 1);
+        drop(w);
+        assert!(shared.store.lock().entries().is_empty());
+        assert!(!shared.store.lock().to_state().takes.iter().any(|_| true));
     }
 
     /// A cancelled or failed generation leaves no partial take.
