@@ -516,6 +516,38 @@ fn the_trigger_note_requests_a_generation_and_other_notes_do_not() -> Result<()>
     Ok(())
 }
 
+/// Continuations longer than one window of the model (30 s) are one take: 20 bars at 120 BPM
+/// (40 s) come out with their full length, sound throughout (no silent stretch at the window
+/// seam) and play from the first sample of bar 5.
+#[test]
+fn a_continuation_longer_than_a_window_is_one_take() -> Result<()> {
+    use_tiny_model();
+    let lib = PluginLibrary::segue()?;
+    let (rate, tempo) = (48_000.0, 120.0);
+    let split = BlockSplit::Fixed(512);
+    let mut plugin = lib.instantiate()?;
+    plugin.set_param("monitor", 0.0)?;
+    set_int(&mut plugin, "continuation-bars", 20, 1)?;
+    plugin.activate(rate, split.max_len())?;
+    play_phrase_and_generate(&mut plugin, rate, tempo, &split)?;
+    let state = wait_for_takes(&mut plugin, 1)?;
+    let saved = &state.takes[0];
+    assert_eq!(saved.source.frames(), 40 * 32_000, "20 bars at 120 BPM");
+    assert_eq!(saved.info.continuation_bars, 20.0);
+    // Every tenth of a second holds sound.
+    for (k, piece) in saved.source.channels[0].chunks(3_200).enumerate() {
+        let rms = (piece.iter().map(|x| x * x).sum::<f32>() / piece.len() as f32).sqrt();
+        assert!(
+            rms > 1e-4,
+            "silent around {:.1} s (rms {rms})",
+            k as f64 / 10.0
+        );
+    }
+    let take = host_rate_audio(saved, rate)?;
+    assert_replay_from_bar_four("40 s take", &mut plugin, rate, tempo, &take, &split)?;
+    Ok(())
+}
+
 /// What a live streamed generation did, in output samples (the phrase starts at 0).
 struct StreamedRun {
     /// The press, a quarter bar into bar 5.
