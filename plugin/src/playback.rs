@@ -1533,6 +1533,9 @@ mod tests {
         audio: Vec<Vec<f32>>,
         writer: Option<crate::takes::TakeWriter>,
         speed: f64,
+        /// Output frames `(from, len)` during which generation stalls (another job, a busy
+        /// machine); the pace still claims `speed`.
+        stall: (usize, usize),
         first: usize,
         first_at: usize,
         chunk: usize,
@@ -1545,7 +1548,9 @@ mod tests {
             if now < self.first_at {
                 return 0.0;
             }
-            (self.first as f64 + (now - self.first_at) as f64 * self.speed)
+            let (from, len) = self.stall;
+            let stalled = now.clamp(from, from + len) - from;
+            (self.first as f64 + (now - self.first_at - stalled) as f64 * self.speed)
                 .min(self.audio[0].len() as f64)
         }
 
@@ -1591,6 +1596,15 @@ mod tests {
         }
     }
 
+    /// The chunk boundary (first chunk `first`, then `chunk` each) at or after `frame`.
+    fn feed_chunks_end(first: usize, chunk: usize, frame: usize) -> usize {
+        let mut end = first;
+        while end < frame {
+            end += chunk;
+        }
+        end
+    }
+
     fn run_fed(
         sim: &mut Sim,
         player: &mut Player,
@@ -1626,6 +1640,7 @@ mod tests {
                 audio: audio.clone(),
                 writer: Some(writer),
                 speed,
+                stall: (0, 0),
                 first: 22_050,
                 first_at: 20_000,
                 chunk: 176_400,
@@ -1674,6 +1689,7 @@ mod tests {
             audio: audio.clone(),
             writer: Some(writer),
             speed: 3.0,
+            stall: (0, 0),
             first: 22_050,
             first_at: 30_000,
             chunk: 176_400,
@@ -1692,6 +1708,69 @@ mod tests {
             assert_eq!(out[j], audio[0][j] * tail(8 * bar - j, fade), "frame {j}");
         }
         assert_eq!(player.status.underruns(), 0);
+    }
+
+    /// Generation falls behind the estimate (it stalls for three bars just after the start): the take fades out where
+    /// its audio runs out (an underrun), waits in place and resumes, faded in, on a later bar
+    /// line, from where the time since its start says, and plays on to its end.
+    #[test]
+    fn a_take_that_falls_behind_fades_out_and_resumes_on_a_bar_line() {
+        let sr = 44_100.0;
+        let bar = 88_200;
+        let settings = PlayerSettings {
+            mode: PlaybackMode::NextBar,
+            ..PlayerSettings::default()
+        };
+        let (mut player, mut handle) = player_pair(sr);
+        let mut sim = Sim::new(sr, 120.0, Blocks::Fixed(300));
+        let audio = take_audio(16 * bar);
+        let (take, writer) = Take::growing(TakeId::fresh(), sr, None, 2, 16 * bar).unwrap();
+        let mut feed = Feed {
+            audio: audio.clone(),
+            writer: Some(writer),
+            speed: 2.0,
+            stall: (2 * bar, 3 * bar),
+            first: 22_050,
+            first_at: 10_000,
+            chunk: 176_400,
+            written: 0,
+        };
+        run_fed(&mut sim, &mut player, &settings, &mut feed, 10_000);
+        feed.update(10_000);
+        select(&mut handle, &take, None);
+        run_fed(&mut sim, &mut player, &settings, &mut feed, 30 * bar);
+        let out = &sim.out[0];
+        let fade = player.fade_frames();
+        let start = out.iter().position(|&x| x != 0.0).unwrap();
+        assert_eq!(start % bar, 0);
+        // The first silence after the start: the last written frame, where the fade-out ends
+        // (at gain 0).
+        let gap = start + out[start..].iter().position(|&x| x == 0.0).unwrap();
+        assert!(gap < start + 16 * bar, "no gap");
+        let end = gap + 1;
+        for k in 0..fade {
+            let j = end - start - fade + k;
+            let g = ramp_gain(1.0, 0.0, k as u32 + 1, fade as u32);
+            assert_eq!(out[end - fade + k], audio[0][j] * g, "fade-out frame {k}");
+        }
+        assert_eq!(end - start, feed_chunks_end(22_050, 176_400, end - start));
+        // It resumes on a bar line, in place (the take frame the elapsed time says), faded in.
+        let resume = gap + out[gap..].iter().position(|&x| x != 0.0).unwrap();
+        assert_eq!(resume % bar, 0, "resumes at {resume}");
+        let j0 = resume - start;
+        for k in 0..fade {
+            let g = ramp_gain(0.0, 1.0, k as u32 + 1, fade as u32);
+            assert_eq!(out[resume + k], audio[0][j0 + k] * g, "fade-in frame {k}");
+        }
+        assert!(j0 < 16 * bar, "resumed after the take's end");
+        for j in j0 + fade..16 * bar {
+            assert_eq!(
+                out[start + j],
+                audio[0][j] * tail(16 * bar - j, fade),
+                "frame {j}"
+            );
+        }
+        assert_eq!(player.status.underruns(), 1);
     }
 
     /// A new version of the playing take (an extension: same id, same audio, then more) takes
