@@ -1331,6 +1331,51 @@ mod tests {
         ));
     }
 
+    /// Growing takes are saved as they were before their generation: a new one not at all, an
+    /// extended one with its old frames; the selection index counts only saved takes.
+    #[test]
+    fn growing_takes_save_only_final_audio() {
+        let mut store = TakeStore::new();
+        let a = store.insert(entry(100));
+        let b = store.insert(entry(300));
+        let c = store.insert(entry(50));
+        store.select(Some(c), None).unwrap();
+        store.begin_growing(a, 0);
+        store.begin_growing(b, 120);
+        assert!(store.is_growing(a) && store.is_growing(b) && !store.is_growing(c));
+        let state = store.to_state();
+        assert_eq!(state.takes.len(), 2);
+        assert_eq!(state.takes[0].source.frames(), 120);
+        assert_eq!(
+            state.takes[0].source.channels[1][..],
+            store.get(b).unwrap().source.channels[1][..120]
+        );
+        assert_eq!(state.takes[1].source.frames(), 50);
+        assert_eq!(state.selected, Some(1));
+        store.end_growing(a);
+        store.end_growing(b);
+        let state = store.to_state();
+        assert_eq!(state.takes.len(), 3);
+        assert_eq!(state.takes[1].source.frames(), 300);
+        assert_eq!(state.selected, Some(2));
+        // Replacing a take's audio keeps its place, id and selection.
+        store.begin_growing(c, 50);
+        let (longer, _writer) = Take::growing(c, 48_000.0, Some(0.0), 2, 500).unwrap();
+        store
+            .replace_take(c, longer.clone(), source(80, 2))
+            .unwrap();
+        assert!(Arc::ptr_eq(&store.get(c).unwrap().take, &longer));
+        assert_eq!(store.get(c).unwrap().source.frames(), 80);
+        assert_eq!(store.selected(), Some(c));
+        assert_eq!(store.to_state().takes[2].source.frames(), 50);
+        assert!(store
+            .replace_take(TakeId(u64::MAX), longer, source(1, 2))
+            .is_err());
+        // Removing a growing take forgets it.
+        store.remove(c).unwrap();
+        assert!(!store.is_growing(c));
+    }
+
     fn player_status(store: &TakeStore) -> Arc<crate::playback::PlayerStatus> {
         store.player.as_ref().unwrap().status().clone()
     }
