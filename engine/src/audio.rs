@@ -319,69 +319,187 @@ fn gcd(a: usize, b: usize) -> usize {
 /// The resampler's latency is removed and the tail flushed: the output has
 /// `round(frames * to_rate / from_rate)` frames and is not delayed against the input.
 /// Returns a copy when the rates already match.
+///
+/// This is [`StreamResampler`] fed all of `audio` at once, so resampling a signal piece by piece
+/// with a [`StreamResampler`] gives exactly (bit for bit) this function's output.
 pub fn resample(audio: &Audio, to_rate: u32) -> Result<Audio, AudioError> {
     audio.validate()?;
     if to_rate == 0 {
         return Err(AudioError::Invalid("target sample rate is 0 Hz".into()));
     }
-    let from = audio.sample_rate;
-    if from == to_rate {
+    if audio.sample_rate == to_rate {
         return Ok(audio.clone());
     }
-    let rerr = |reason: String| AudioError::Resample {
-        from,
-        to: to_rate,
-        reason,
-    };
-    let frames = audio.frames();
-    let n_ch = audio.channels.len();
-    let target = ((frames as u128 * to_rate as u128 + from as u128 / 2) / from as u128) as usize;
-    // rubato's FFT filter is a sinc centred on sample `fft_size_in / 2` (integer division), while
-    // `output_delay()` reports `fft_size_out / 2`: the two agree only when the FFT input size is
-    // even. Choose the chunk so that it is (an odd size leaves a fractional-sample delay, e.g.
-    // 0.36 samples from 44.1 kHz).
-    let min_chunk_in = from as usize / gcd(from as usize, to_rate as usize);
-    let chunks = 1024usize.div_ceil(min_chunk_in).next_multiple_of(2);
-    let mut rs =
-        FftFixedInOut::<f32>::new(from as usize, to_rate as usize, chunks * min_chunk_in, n_ch)
-            .map_err(|e| rerr(e.to_string()))?;
-    let delay = rs.output_delay();
-    let mut out: Vec<Vec<f32>> = vec![Vec::with_capacity(target + delay + 4096); n_ch];
-    let mut out_buf = rs.output_buffer_allocate(true);
-    let mut pad_buf: Vec<Vec<f32>> = vec![Vec::new(); n_ch];
-    let mut pos = 0usize;
-    while out[0].len() < target + delay {
-        let need = rs.input_frames_next();
-        let written = if pos + need <= frames {
-            let slices: Vec<&[f32]> = audio.channels.iter().map(|c| &c[pos..pos + need]).collect();
-            rs.process_into_buffer(&slices, &mut out_buf, None)
-                .map_err(|e| rerr(e.to_string()))?
-                .1
-        } else {
-            // Last partial chunk, then zeros to flush the resampler's delay line.
-            let start = pos.min(frames);
-            for (pad, ch) in pad_buf.iter_mut().zip(&audio.channels) {
-                pad.clear();
-                pad.extend_from_slice(&ch[start..]);
-                pad.resize(need, 0.0);
-            }
-            rs.process_into_buffer(&pad_buf, &mut out_buf, None)
-                .map_err(|e| rerr(e.to_string()))?
-                .1
-        };
-        pos += need;
-        for (o, b) in out.iter_mut().zip(&out_buf) {
-            o.extend_from_slice(&b[..written]);
-        }
-    }
-    for o in &mut out {
-        o.drain(..delay);
-        o.truncate(target);
+    let mut rs = StreamResampler::new(audio.sample_rate, to_rate, audio.channels.len())?;
+    let mut out = rs.push(&audio.channels)?;
+    let tail = rs.finish()?;
+    for (o, t) in out.iter_mut().zip(tail) {
+        o.extend_from_slice(&t);
     }
     Ok(Audio {
         sample_rate: to_rate,
         channels: out,
     })
+}
+
+/// Resamples a signal that arrives piece by piece (a streamed take): [`StreamResampler::push`]
+/// returns the output frames that are final so far, [`StreamResampler::finish`] the rest. The
+/// pieces' outputs concatenated equal [`resample`] of the whole signal exactly, however the
+/// signal is cut: the resampler always processes the same fixed-size input chunks, buffering
+/// what does not fill one.
+///
+/// Latency: a pushed frame comes out once a whole input chunk (about 1024 input frames) is there
+/// plus the filter's delay (half a chunk); the rest waits for [`StreamResampler::finish`].
+pub struct StreamResampler {
+    from: u32,
+    to: u32,
+    /// `None` when the rates match (a copy).
+    rs: Option<FftFixedInOut<f32>>,
+    /// Input frames not processed yet, per channel.
+    pending: Vec<Vec<f32>>,
+    out_buf: Vec<Vec<f32>>,
+    /// Output frames still to drop (the filter's delay).
+    skip: usize,
+    /// Input frames pushed, output frames returned.
+    pushed: usize,
+    emitted: usize,
+}
+
+impl StreamResampler {
+    /// A resampler from `from` Hz to `to` Hz for `channels` channels.
+    pub fn new(from: u32, to: u32, channels: usize) -> Result<Self, AudioError> {
+        if from == 0 || to == 0 {
+            return Err(AudioError::Invalid(format!(
+                "cannot resample from {from} Hz to {to} Hz"
+            )));
+        }
+        if channels == 0 {
+            return Err(AudioError::Invalid("audio without channels".into()));
+        }
+        let (rs, skip, out_buf) = if from == to {
+            (None, 0, Vec::new())
+        } else {
+            // rubato's FFT filter is a sinc centred on sample `fft_size_in / 2` (integer
+            // division), while `output_delay()` reports `fft_size_out / 2`: the two agree only
+            // when the FFT input size is even. Choose the chunk so that it is (an odd size leaves
+            // a fractional-sample delay, e.g. 0.36 samples from 44.1 kHz).
+            let min_chunk_in = from as usize / gcd(from as usize, to as usize);
+            let chunks = 1024usize.div_ceil(min_chunk_in).next_multiple_of(2);
+            let rs = FftFixedInOut::<f32>::new(
+                from as usize,
+                to as usize,
+                chunks * min_chunk_in,
+                channels,
+            )
+            .map_err(|e| AudioError::Resample {
+                from,
+                to,
+                reason: e.to_string(),
+            })?;
+            let skip = rs.output_delay();
+            let out_buf = rs.output_buffer_allocate(true);
+            (Some(rs), skip, out_buf)
+        };
+        Ok(Self {
+            from,
+            to,
+            rs,
+            pending: vec![Vec::new(); channels],
+            out_buf,
+            skip,
+            pushed: 0,
+            emitted: 0,
+        })
+    }
+
+    /// Output frames the whole signal will have once finished (as [`resample`] counts them).
+    fn target(&self) -> usize {
+        ((self.pushed as u128 * self.to as u128 + self.from as u128 / 2) / self.from as u128)
+            as usize
+    }
+
+    /// Adds planar input (every channel the same length) and returns the output frames that no
+    /// later input can change.
+    pub fn push<S: AsRef<[f32]>>(&mut self, planar: &[S]) -> Result<Vec<Vec<f32>>, AudioError> {
+        if planar.len() != self.pending.len() {
+            return Err(AudioError::Invalid(format!(
+                "{} channels pushed to a resampler of {}",
+                planar.len(),
+                self.pending.len()
+            )));
+        }
+        let frames = planar.first().map_or(0, |c| c.as_ref().len());
+        if planar.iter().any(|c| c.as_ref().len() != frames) {
+            return Err(AudioError::Invalid("channels of different lengths".into()));
+        }
+        self.pushed += frames;
+        if self.rs.is_none() {
+            self.emitted += frames;
+            return Ok(planar.iter().map(|c| c.as_ref().to_vec()).collect());
+        }
+        for (p, c) in self.pending.iter_mut().zip(planar) {
+            p.extend_from_slice(c.as_ref());
+        }
+        self.drain(false)
+    }
+
+    /// Flushes the resampler (zeros after the signal) and returns the last output frames.
+    pub fn finish(mut self) -> Result<Vec<Vec<f32>>, AudioError> {
+        if self.rs.is_none() {
+            return Ok(vec![Vec::new(); self.pending.len()]);
+        }
+        self.drain(true)
+    }
+
+    /// Processes whole input chunks (and, when `flush`, zero-padded ones until every output
+    /// frame of the signal is out).
+    fn drain(&mut self, flush: bool) -> Result<Vec<Vec<f32>>, AudioError> {
+        let (from, to) = (self.from, self.to);
+        let target = self.target();
+        let mut out = vec![Vec::new(); self.pending.len()];
+        let Some(rs) = self.rs.as_mut() else {
+            return Ok(out);
+        };
+        // Input frames consumed; removed from `pending` once at the end (not per chunk, which
+        // would move the rest of a long signal every time).
+        let mut pos = 0;
+        loop {
+            let need = rs.input_frames_next();
+            let have = self.pending[0].len() - pos;
+            if have < need {
+                if !flush || self.emitted >= target {
+                    break;
+                }
+                for p in &mut self.pending {
+                    p.resize(pos + need, 0.0);
+                }
+            }
+            let slices: Vec<&[f32]> = self.pending.iter().map(|c| &c[pos..pos + need]).collect();
+            let (_, written) = rs
+                .process_into_buffer(&slices, &mut self.out_buf, None)
+                .map_err(|e| AudioError::Resample {
+                    from,
+                    to,
+                    reason: e.to_string(),
+                })?;
+            pos += need;
+            let skip = self.skip.min(written);
+            self.skip -= skip;
+            let keep = if flush {
+                (written - skip).min(target - self.emitted)
+            } else {
+                written - skip
+            };
+            for (o, b) in out.iter_mut().zip(&self.out_buf) {
+                o.extend_from_slice(&b[skip..skip + keep]);
+            }
+            self.emitted += keep;
+        }
+        for p in &mut self.pending {
+            p.drain(..pos.min(p.len()));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -443,6 +561,66 @@ mod tests {
                 assert!(err < 1e-3, "{from}->{to}: max error {err}");
             }
         }
+    }
+
+    /// Pushing a signal in pieces of any size gives exactly the one-shot output; output frames
+    /// come out while input arrives (not all at the end).
+    #[test]
+    fn streamed_resampling_equals_one_shot() {
+        for (from, to, frames) in [
+            (32_000u32, 44_100u32, 40_000usize),
+            (32_000, 48_000, 33_333),
+            (32_000, 96_000, 5_000),
+            (48_000, 32_000, 9),
+            (32_000, 32_000, 1_000),
+        ] {
+            let input = Audio {
+                sample_rate: from,
+                channels: vec![sine(from, 440.0, frames), sine(from, 97.0, frames)],
+            };
+            let whole = resample(&input, to).unwrap();
+            for cuts in [
+                vec![1usize],
+                vec![640, 1, 7_000, 0],
+                vec![12_800],
+                vec![frames],
+            ] {
+                let mut rs = StreamResampler::new(from, to, 2).unwrap();
+                let mut got: Vec<Vec<f32>> = vec![Vec::new(); 2];
+                let mut pos = 0;
+                let mut i = 0;
+                let mut early = 0;
+                while pos < frames {
+                    let n = cuts[i % cuts.len()].min(frames - pos);
+                    i += 1;
+                    let piece: Vec<&[f32]> =
+                        input.channels.iter().map(|c| &c[pos..pos + n]).collect();
+                    let out = rs.push(&piece).unwrap();
+                    pos += n;
+                    for (g, o) in got.iter_mut().zip(out) {
+                        g.extend_from_slice(&o);
+                    }
+                    if pos < frames {
+                        early = got[0].len();
+                    }
+                }
+                for (g, o) in got.iter_mut().zip(rs.finish().unwrap()) {
+                    g.extend_from_slice(&o);
+                }
+                assert_eq!(got, whole.channels, "{from}->{to}, cuts {cuts:?}");
+                if frames > 20_000 && cuts[0] < frames {
+                    assert!(
+                        early > whole.frames() / 2,
+                        "{from}->{to}: only {early} early"
+                    );
+                }
+            }
+        }
+        assert!(StreamResampler::new(0, 32_000, 1).is_err());
+        assert!(StreamResampler::new(32_000, 48_000, 0).is_err());
+        let mut rs = StreamResampler::new(32_000, 48_000, 2).unwrap();
+        assert!(rs.push(&[[0.0f32; 4]]).is_err());
+        assert!(rs.push(&[&[0.0f32; 4][..], &[0.0f32; 3][..]]).is_err());
     }
 
     #[test]

@@ -657,20 +657,38 @@ impl CheckpointCodec {
 /// full-size models for benchmarks without a download. Values are normal with standard
 /// deviation `1 / sqrt(fan_in)` (fan-in = product of all but the first axis), which keeps
 /// activations in a realistic range.
-struct RandomWeights;
+struct RandomWeights {
+    /// `None`: the device's generator (different every run); `Some`: each tensor from a
+    /// generator seeded with this and its name (the same weights every run).
+    seed: Option<u64>,
+}
 
 impl candle_nn::var_builder::SimpleBackend for RandomWeights {
     fn get(
         &self,
         s: Shape,
-        _name: &str,
+        name: &str,
         _h: candle_nn::Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let fan_in: usize = s.dims().iter().skip(1).product::<usize>().max(1);
         let std = 1.0 / (fan_in as f64).sqrt();
-        Tensor::randn(0f32, std as f32, s, dev)?.to_dtype(dtype)
+        let Some(seed) = self.seed else {
+            return Tensor::randn(0f32, std as f32, s, dev)?.to_dtype(dtype);
+        };
+        use rand::{Rng, SeedableRng};
+        // FNV-1a of the name: stable across runs and builds.
+        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash);
+        // Uniform with the same standard deviation (a / sqrt(3) for [-a, a]).
+        let a = (std * 3f64.sqrt()) as f32;
+        let values: Vec<f32> = (0..s.elem_count())
+            .map(|_| rng.random_range(-a..=a))
+            .collect();
+        Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -683,9 +701,19 @@ impl candle_nn::var_builder::SimpleBackend for RandomWeights {
     }
 }
 
-/// A [`VarBuilder`] of random weights for any model (see `segue bench`).
+/// A [`VarBuilder`] of random weights for any model (see `segue bench`), different every run.
 pub fn random_var_builder(device: &Device) -> VarBuilder<'static> {
-    let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(RandomWeights);
+    let backend: Box<dyn candle_nn::var_builder::SimpleBackend> =
+        Box::new(RandomWeights { seed: None });
+    VarBuilder::from_backend(backend, DType::F32, device.clone())
+}
+
+/// A [`VarBuilder`] of random weights that are the same every run for the same `seed` (uniform,
+/// with the standard deviation [`random_var_builder`] uses): for measurements that must be
+/// reproducible.
+pub fn seeded_random_var_builder(device: &Device, seed: u64) -> VarBuilder<'static> {
+    let backend: Box<dyn candle_nn::var_builder::SimpleBackend> =
+        Box::new(RandomWeights { seed: Some(seed) });
     VarBuilder::from_backend(backend, DType::F32, device.clone())
 }
 

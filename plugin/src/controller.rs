@@ -11,33 +11,47 @@
 //!   the engine's events. The audio thread never wakes it (that would need a system call).
 //! - Generation: the prompt is cut from the capture history as it stood at the press, resampled
 //!   to 32 kHz (rubato, through `segue_engine::audio::resample`) and sent to the engine service
-//!   ([`Engine::shared`], one inference thread for every instance in the process). Finished takes
-//!   are rounded to the state's 16-bit precision (so a reloaded project sounds the same),
-//!   resampled to the host rate, inserted into the [`TakeStore`] and selected; the store hands
-//!   them to the audio thread through the player's lock-free queue.
+//!   ([`Engine::shared`], one inference thread for every instance in the process).
+//! - Streaming: the engine sends each take's continuation in chunks. Each chunk is rounded to the
+//!   state's 16-bit precision (so a reloaded project sounds the same), resampled to the host rate
+//!   by a [`StreamResampler`] carried from chunk to chunk (its output is bit for bit the one-shot
+//!   resampling a reloaded take gets) and appended to a growing [`Take`] and to its 32 kHz
+//!   source. A new take is inserted into the [`TakeStore`] (and the first one selected) when its
+//!   first chunk arrives; the store hands it to the audio thread through the player's lock-free
+//!   queue, and the player starts it where it can play through (see [`crate::stream`]): after
+//!   every decoder step the take's [`Pace`] is republished. `Finished` flushes the resampler
+//!   and completes the take; only then is it saved in the state (a project saved meanwhile holds
+//!   what was final). A cancelled or failed generation removes its partial takes: the take list
+//!   only holds takes a musician can keep (the part heard so far was a preview).
+//! - Extend ([`Command::Extend`]): the take's tail is the prompt; the same take (id, name,
+//!   anchor) is replaced by a growing one holding its old audio followed by the continuation, so
+//!   it plays on seamlessly from the old end; the state keeps the old audio until the extension
+//!   completes, and a cancelled extension puts the old take back.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use nice_plug::prelude::*;
 use parking_lot::Mutex;
-use segue_engine::audio::{resample, Audio};
+use segue_engine::audio::{resample, Audio, StreamResampler};
 use segue_engine::sampling::SamplingParams;
 use segue_engine::service::{
     Client, DTypeChoice, DeviceChoice, Engine, EventKind, GenerateRequest, JobId, ModelSpec, Policy,
 };
+use segue_engine::stream::StreamConfig;
 
 use crate::capture::{CaptureReader, PromptAnchor, PromptRequest};
 use crate::params::SegueParams;
 use crate::playback::PlayerStatus;
+use crate::stream::Pace;
 use crate::takes::{
     decode_state, encode_state, quantise_to_state, GenerationInfo, SourceAudio, Take, TakeAnchor,
-    TakeEntry, TakeId, TakeStore, TakesState,
+    TakeEntry, TakeId, TakeStore, TakeWriter, TakesState,
 };
-use crate::transport::bars_to_seconds;
+use crate::transport::{bars_to_seconds, TimeSig};
 
 /// How often the controller thread looks for work.
 pub const POLL: Duration = Duration::from_millis(5);
@@ -258,9 +272,84 @@ impl Drop for Controller {
 /// A generation the engine is working on.
 struct Job {
     id: JobId,
-    anchor: Option<PromptAnchor>,
+    anchor: Option<TakeAnchor>,
     info: GenerationInfo,
+    /// A new take, or the extension of an existing one.
+    kind: JobKind,
+    /// Frames of continuation (32 kHz) each take will have.
+    expected_frames: usize,
+    /// The growing take of each take index, from its first chunk on.
+    streams: Vec<Option<Growing>>,
+    /// Take indices whose take left the store while growing (deleted, or replaced by a loaded
+    /// state): the rest of their audio is dropped.
+    gone: Vec<bool>,
+    /// The last progress: `(step, total, steps per second)`, and when it arrived.
+    progress: Option<(usize, usize, f64)>,
+    progress_at: Option<Instant>,
+    /// Longest wait seen between a progress event and the chunk after it, in seconds (the
+    /// chunk's decoding and hand-off).
+    chunk_delay_s: f64,
 }
+
+/// What a job makes.
+enum JobKind {
+    /// New takes, inserted when their first chunk arrives.
+    New,
+    /// One longer take replacing take `id`: its audio (`source`, 32 kHz) followed by the
+    /// continuation.
+    Extend { id: TakeId, source: SourceAudio },
+}
+
+/// One take being streamed in.
+struct Growing {
+    id: TakeId,
+    writer: TakeWriter,
+    /// 32 kHz to the host rate, carried across chunks (bit-identical to resampling the whole
+    /// source at once, which is how a saved take is rebuilt).
+    resampler: StreamResampler,
+    /// Continuation frames (32 kHz) received.
+    received: usize,
+    /// Frames of the take (host rate) before the continuation (an extended take's old audio).
+    offset_host: usize,
+    /// Frames of the take (host rate) when complete.
+    final_host: usize,
+}
+
+/// Frames at `to` Hz of `frames` frames at `from` Hz, counted as the resampler counts them.
+fn frames_at(frames: usize, from: u32, to: u32) -> usize {
+    ((frames as u128 * u128::from(to) + u128::from(from) / 2) / u128::from(from)) as usize
+}
+
+/// Samples per codec frame at [`MODEL_RATE`] (MusicGen's EnCodec: 50 frames a second).
+const HOP: usize = 640;
+
+/// Codebooks of the delay pattern: a frame is complete this many steps after its first code.
+const DELAY_STEPS: usize = 4;
+
+/// Continuation frames (32 kHz) the engine generates for `duration_s` seconds (whole 50 Hz
+/// frames, at least one; as the service rounds).
+fn continuation_frames(duration_s: f64) -> usize {
+    ((duration_s * 50.0).round() as usize).max(1) * HOP
+}
+
+/// Seconds of `bars` bars at the anchor's tempo and metre (bars count as seconds without one).
+fn bars_seconds(bars: f64, anchor: Option<&TakeAnchor>) -> f64 {
+    match anchor {
+        Some(a) => bars_to_seconds(
+            bars,
+            TimeSig {
+                numerator: a.time_sig_numerator,
+                denominator: a.time_sig_denominator,
+            },
+            a.tempo_bpm,
+        ),
+        None => bars,
+    }
+}
+
+/// The longest prompt sent for an extension, in seconds (the engine keeps at most a window's
+/// worth anyway; this avoids sending minutes of audio).
+const MAX_EXTEND_PROMPT_S: usize = 30;
 
 struct Worker {
     shared: Arc<Shared>,
@@ -295,6 +384,16 @@ impl Worker {
         };
         if let Some(event) = event {
             self.handle(event.job, event.kind);
+            // Whatever else is queued now, so chunks reach the take (and their arrival times
+            // the pace estimate) without waiting for a poll each.
+            while let Some(event) = self
+                .engine
+                .as_ref()
+                .filter(|_| self.job.is_some())
+                .and_then(|(_, client)| client.events.try_recv().ok())
+            {
+                self.handle(event.job, event.kind);
+            }
         }
         self.shared.store.lock().collect_garbage();
     }
@@ -303,7 +402,9 @@ impl Worker {
         nice_warn!("generation failed: {message}");
         self.shared
             .set_status(format!("Generation failed: {message}"));
-        self.job = None;
+        if let Some(job) = self.job.take() {
+            self.discard(job);
+        }
         if self.shared.generate_at.load(Ordering::Acquire) == NO_REQUEST {
             self.shared.busy.store(false, Ordering::Release);
         }
@@ -343,10 +444,134 @@ impl Worker {
         }
     }
 
-    /// Starts a generation that continues take `id` from its end.
+    /// Starts a generation that continues take `id` from its end: its tail (from its 32 kHz
+    /// source) is the prompt, the continuation length is the continuation-bars parameter at the
+    /// take's own tempo and metre. The result is one longer take with the same id, name and
+    /// anchor: the old audio followed by the new, growing while it is generated (the player goes
+    /// on into it seamlessly where the old audio ended). Until it completes, the state saves the
+    /// old take; a cancelled or failed extension leaves the old take as it was.
     fn extend(&mut self, id: TakeId) -> Result<(), String> {
-        let _ = id;
-        Err("extending a take is not available yet".to_owned())
+        let (source, anchor, info) = {
+            let store = self.shared.store.lock();
+            if store.is_growing(id) {
+                return Err("cannot extend a take that is still being generated".to_owned());
+            }
+            let entry = store
+                .get(id)
+                .ok_or_else(|| format!("cannot extend the take: no take with id {}", id.0))?;
+            (entry.source.clone(), entry.anchor, entry.info.clone())
+        };
+        if source.frames() == 0 {
+            return Err("cannot extend an empty take".to_owned());
+        }
+        let keep = (MAX_EXTEND_PROMPT_S * source.sample_rate as usize).min(source.frames());
+        let prompt = Audio {
+            sample_rate: source.sample_rate,
+            channels: source
+                .channels
+                .iter()
+                .map(|c| c[c.len() - keep..].to_vec())
+                .collect(),
+        };
+        let bars = self.params.continuation_bars.value();
+        let duration_s = bars_seconds(f64::from(bars), anchor.as_ref());
+        let mut info = GenerationInfo {
+            continuation_bars: info.continuation_bars + bars as f32,
+            ..info
+        };
+        let request = self.request(prompt, duration_s, 1, &mut info);
+        self.submit(request, anchor, info, JobKind::Extend { id, source })?;
+        self.shared.busy.store(true, Ordering::Release);
+        self.shared.set_status("Extending…".to_owned());
+        Ok(())
+    }
+
+    /// A streaming request for the current settings; fills in `info`'s model, text, seed and
+    /// sampling.
+    fn request(
+        &self,
+        prompt: Audio,
+        duration_s: f64,
+        takes: usize,
+        info: &mut GenerationInfo,
+    ) -> GenerateRequest {
+        let params = &*self.params;
+        let model = params.model.read().clone();
+        let text = params.prompt_text.read().clone();
+        let settings = params.sampling.read().clone();
+        let seed = settings.seed.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        let sampling = SamplingParams {
+            greedy: settings.greedy,
+            temperature: settings.temperature,
+            top_k: settings.top_k,
+            top_p: settings.top_p,
+            guidance_scale: settings.guidance_scale,
+        };
+        info.model = model.clone();
+        info.text = text.clone();
+        info.seed = Some(seed);
+        info.temperature = settings.temperature as f32;
+        info.top_k = settings.top_k as u32;
+        info.top_p = settings.top_p as f32;
+        info.guidance = settings.guidance_scale as f32;
+        GenerateRequest {
+            model: ModelSpec {
+                source: model,
+                device: DeviceChoice::Auto,
+                dtype: DTypeChoice::F32,
+                quant: None,
+            },
+            text,
+            prompt: Some(prompt),
+            duration_s,
+            sampling,
+            seed,
+            takes,
+            // Takes play while they are generated (see `crate::stream`).
+            stream: true,
+            // Longer than one window of the model: the authors' window and stride.
+            window: None,
+        }
+    }
+
+    /// Sends `request` to the engine (replacing a running job, whose partial takes are
+    /// discarded) and makes it the current job.
+    fn submit(
+        &mut self,
+        request: GenerateRequest,
+        anchor: Option<TakeAnchor>,
+        info: GenerationInfo,
+        kind: JobKind,
+    ) -> Result<(), String> {
+        if self.engine.is_none() {
+            let engine = Engine::shared().map_err(|e| e.to_string())?;
+            let client = engine.client();
+            self.engine = Some((engine, client));
+        }
+        if let Some(old) = self.job.take() {
+            self.discard(old);
+        }
+        let expected_frames = continuation_frames(request.duration_s);
+        let takes = request.takes;
+        let (_, client) = self.engine.as_ref().ok_or("no engine")?;
+        let id = client.generate(request, Policy::Replace);
+        self.job = Some(Job {
+            id,
+            anchor,
+            info,
+            kind,
+            expected_frames,
+            streams: (0..takes).map(|_| None).collect(),
+            gone: vec![false; takes],
+            progress: None,
+            progress_at: None,
+            chunk_delay_s: 0.0,
+        });
+        Ok(())
     }
 
     fn start(&mut self, at_frame: u64) -> Result<(), String> {
@@ -367,10 +592,14 @@ impl Worker {
                 at_frame: Some(at_frame),
             })
             .map_err(|e| format!("no prompt: {e}"))?;
-        let duration_s = match &prompt.anchor {
-            Some(a) => bars_to_seconds(f64::from(cont_bars), a.time_sig, a.tempo_bpm),
-            None => f64::from(cont_bars),
-        };
+        let anchor = prompt.anchor.map(|a: PromptAnchor| TakeAnchor {
+            beats: a.beats,
+            tempo_bpm: a.tempo_bpm,
+            time_sig_numerator: a.time_sig.numerator,
+            time_sig_denominator: a.time_sig.denominator,
+            bar_index: a.bar_index,
+        });
+        let duration_s = bars_seconds(f64::from(cont_bars), anchor.as_ref());
         let audio = resample(
             &Audio {
                 sample_rate: prompt.sample_rate.round() as u32,
@@ -379,62 +608,15 @@ impl Worker {
             MODEL_RATE,
         )
         .map_err(|e| format!("cannot resample the prompt: {e}"))?;
-        let model = params.model.read().clone();
-        let text = params.prompt_text.read().clone();
-        let settings = params.sampling.read().clone();
-        let seed = settings.seed.unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-        });
-        let sampling = SamplingParams {
-            greedy: settings.greedy,
-            temperature: settings.temperature,
-            top_k: settings.top_k,
-            top_p: settings.top_p,
-            guidance_scale: settings.guidance_scale,
-        };
-        let info = GenerationInfo {
-            model: model.clone(),
-            text: text.clone(),
-            seed: Some(seed),
-            temperature: settings.temperature as f32,
-            top_k: settings.top_k as u32,
-            top_p: settings.top_p as f32,
-            guidance: settings.guidance_scale as f32,
+        let takes = params.sampling.read().takes.clamp(1, 4);
+        let mut info = GenerationInfo {
             prompt_bars: prompt_bars as f32,
             continuation_bars: cont_bars as f32,
+            ..GenerationInfo::default()
         };
-        let request = GenerateRequest {
-            model: ModelSpec {
-                source: model,
-                device: DeviceChoice::Auto,
-                dtype: DTypeChoice::F32,
-                quant: None,
-            },
-            text,
-            prompt: Some(audio),
-            duration_s,
-            sampling,
-            seed,
-            takes: settings.takes.clamp(1, 4),
-            // Takes arrive whole; playing a growing take is the streaming work still to come.
-            stream: false,
-            window: None,
-        };
-        if self.engine.is_none() {
-            let engine = Engine::shared().map_err(|e| e.to_string())?;
-            let client = engine.client();
-            self.engine = Some((engine, client));
-        }
-        let (_, client) = self.engine.as_ref().ok_or("no engine")?;
-        let id = client.generate(request, Policy::Replace);
+        let request = self.request(audio, duration_s, takes, &mut info);
+        self.submit(request, anchor, info, JobKind::New)?;
         self.shared.set_status("Generating…".to_owned());
-        self.job = Some(Job {
-            id,
-            anchor: prompt.anchor,
-            info,
-        });
         Ok(())
     }
 
@@ -444,8 +626,9 @@ impl Worker {
         }
         match kind {
             EventKind::Finished(takes) => {
-                if let Some(job) = self.job.take() {
-                    if let Err(e) = self.finish(job, takes) {
+                if let Some(mut job) = self.job.take() {
+                    if let Err(e) = self.finish(&mut job, takes) {
+                        self.job = Some(job);
                         self.fail(e);
                         return;
                     }
@@ -456,25 +639,271 @@ impl Worker {
             }
             EventKind::Failed(reason) => self.fail(reason),
             EventKind::Cancelled => self.fail("cancelled".to_owned()),
-            EventKind::Progress { step, total, .. } => {
+            EventKind::Progress {
+                step,
+                total,
+                steps_per_s,
+            } => {
+                self.progress(step, total, steps_per_s);
                 self.shared
                     .set_status(format!("Generating… {step}/{total}"));
+            }
+            EventKind::Chunk {
+                take,
+                offset,
+                audio,
+            } => {
+                if let Err(e) = self.chunk(take, offset, audio) {
+                    self.fail(e);
+                }
             }
             _ => {}
         }
     }
 
-    fn finish(&mut self, job: Job, takes: Vec<segue_engine::service::Take>) -> Result<(), String> {
-        let anchor = job.anchor.map(|a| TakeAnchor {
-            beats: a.beats,
-            tempo_bpm: a.tempo_bpm,
-            time_sig_numerator: a.time_sig.numerator,
-            time_sig_denominator: a.time_sig.denominator,
-            bar_index: a.bar_index,
-        });
-        let mut built = Vec::with_capacity(takes.len());
+    /// Records a progress event and republishes every growing take's pace.
+    fn progress(&mut self, step: usize, total: usize, steps_per_s: f64) {
+        let Some(job) = self.job.as_mut() else {
+            return;
+        };
+        job.progress = Some((step, total, steps_per_s));
+        job.progress_at = Some(Instant::now());
+        let measured = job.pace();
+        for g in job.streams.iter().flatten() {
+            if let Some(pace) = pace_of(&measured, g, self.sample_rate) {
+                g.writer.set_pace(&pace);
+            }
+        }
+    }
+
+    /// Appends one streamed chunk (32 kHz continuation audio starting `offset` frames into the
+    /// continuation) to take `index`, creating the growing take on its first chunk.
+    fn chunk(&mut self, index: usize, offset: usize, audio: Audio) -> Result<(), String> {
+        let sample_rate = self.sample_rate;
+        let Some(mut job) = self.job.take() else {
+            return Ok(());
+        };
+        let result = (|| {
+            if let Some(at) = job.progress_at {
+                job.chunk_delay_s = job.chunk_delay_s.max(at.elapsed().as_secs_f64().min(5.0));
+            }
+            if index >= job.streams.len() {
+                return Err(format!(
+                    "a chunk of take {index} arrived for {} takes",
+                    job.streams.len()
+                ));
+            }
+            if job.gone[index] {
+                return Ok(());
+            }
+            let mut channels = audio.channels;
+            for channel in &mut channels {
+                quantise_to_state(channel);
+            }
+            if job.streams[index].is_none() {
+                let growing = self.begin_take(&job, index, channels.len())?;
+                job.streams[index] = Some(growing);
+            }
+            let measured = job.pace();
+            let Some(g) = job.streams[index].as_mut() else {
+                return Ok(());
+            };
+            if offset != g.received {
+                return Err(format!(
+                    "a chunk at frame {offset} arrived after {} frames",
+                    g.received
+                ));
+            }
+            let host = g
+                .resampler
+                .push(&channels)
+                .map_err(|e| format!("cannot resample the take: {e}"))?;
+            g.writer
+                .append(&host)
+                .map_err(|e| format!("cannot grow the take: {e}"))?;
+            g.received += channels.first().map_or(0, Vec::len);
+            let id = g.id;
+            if let Some(pace) = pace_of(&measured, g, sample_rate) {
+                g.writer.set_pace(&pace);
+            }
+            // Deleted meanwhile (or replaced by a loaded state): it just stops growing.
+            if self
+                .shared
+                .store
+                .lock()
+                .append_source(id, &channels)
+                .is_err()
+            {
+                job.streams[index] = None;
+                job.gone[index] = true;
+            }
+            Ok(())
+        })();
+        self.job = Some(job);
+        result
+    }
+
+    /// Creates the growing take of take `index` of `job` at its first chunk, puts it in the
+    /// store (a new take: inserted, and selected when it is the first; an extension: replacing
+    /// the old take, whose audio it starts with).
+    fn begin_take(&self, job: &Job, index: usize, channels: usize) -> Result<Growing, String> {
+        let host_rate = self.sample_rate.round() as u32;
+        let mut resampler = StreamResampler::new(MODEL_RATE, host_rate, channels)
+            .map_err(|e| format!("cannot resample the take: {e}"))?;
+        let anchor_beats = job.anchor.map(|a| a.beats);
+        match &job.kind {
+            JobKind::New => {
+                let id = TakeId::fresh();
+                let final_host = frames_at(job.expected_frames, MODEL_RATE, host_rate);
+                let (take, writer) = Take::growing(
+                    id,
+                    self.sample_rate,
+                    anchor_beats,
+                    channels,
+                    final_host + host_rate as usize,
+                )
+                .map_err(|e| e.to_string())?;
+                let mut store = self.shared.store.lock();
+                let number = store.entries().len() + 1;
+                store.insert(TakeEntry {
+                    id,
+                    name: format!("Take {number}"),
+                    info: job.info.clone(),
+                    anchor: job.anchor,
+                    source: SourceAudio {
+                        sample_rate: MODEL_RATE,
+                        channels: vec![Vec::new(); channels],
+                    },
+                    take,
+                });
+                store.begin_growing(id, 0);
+                if index == 0 {
+                    store
+                        .select(Some(id), None)
+                        .map_err(|e| format!("cannot play the new take: {e}"))?;
+                }
+                Ok(Growing {
+                    id,
+                    writer,
+                    resampler,
+                    received: 0,
+                    offset_host: 0,
+                    final_host,
+                })
+            }
+            JobKind::Extend { id, source } => {
+                if source.channels.len() != channels {
+                    return Err(format!(
+                        "the take has {} channels, the model makes {channels}",
+                        source.channels.len()
+                    ));
+                }
+                let old_host = frames_at(source.frames(), MODEL_RATE, host_rate);
+                let final_host =
+                    frames_at(source.frames() + job.expected_frames, MODEL_RATE, host_rate);
+                let (take, mut writer) = Take::growing(
+                    *id,
+                    self.sample_rate,
+                    anchor_beats,
+                    channels,
+                    final_host + host_rate as usize,
+                )
+                .map_err(|e| e.to_string())?;
+                let head = resampler
+                    .push(&source.channels)
+                    .map_err(|e| format!("cannot resample the take: {e}"))?;
+                writer
+                    .append(&head)
+                    .map_err(|e| format!("cannot grow the take: {e}"))?;
+                let mut store = self.shared.store.lock();
+                store
+                    .replace_take(*id, take, source.clone())
+                    .map_err(|e| format!("cannot extend the take: {e}"))?;
+                store.begin_growing(*id, source.frames());
+                Ok(Growing {
+                    id: *id,
+                    writer,
+                    resampler,
+                    received: 0,
+                    offset_host: old_host,
+                    final_host,
+                })
+            }
+        }
+    }
+
+    /// Undoes what a job that will not finish left in the store: new growing takes are removed
+    /// (a cancelled or failed generation leaves no half take behind: the take list holds only
+    /// what the musician can keep), an extended take gets its old audio back.
+    fn discard(&mut self, job: Job) {
+        if let Some((_, client)) = &self.engine {
+            client.cancel(job.id);
+        }
+        let mut store = self.shared.store.lock();
+        for g in job.streams.into_iter().flatten() {
+            let id = g.id;
+            drop(g.writer);
+            match &job.kind {
+                JobKind::New => {
+                    let _ = store.remove(id);
+                }
+                JobKind::Extend { source, .. } => {
+                    store.end_growing(id);
+                    let rebuilt = build_take(id, self.sample_rate, job.anchor.as_ref(), source)
+                        .and_then(|take| {
+                            store
+                                .replace_take(id, take, source.clone())
+                                .map_err(|e| e.to_string())
+                        });
+                    if let Err(e) = rebuilt {
+                        nice_warn!("the take could not be restored after its extension: {e}");
+                    }
+                }
+            }
+        }
+        save_store(&store, &self.params);
+    }
+
+    fn finish(
+        &mut self,
+        job: &mut Job,
+        takes: Vec<segue_engine::service::Take>,
+    ) -> Result<(), String> {
+        let mut built = Vec::new();
         for (i, take) in takes.into_iter().enumerate() {
-            // The engine decodes prompt and continuation together; the take is the new part.
+            if job.gone.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let mut info = job.info.clone();
+            info.seed = Some(take.meta.seed);
+            if let Some(mut g) = job.streams.get_mut(i).and_then(Option::take) {
+                // Streamed: the chunks tiled the continuation; flush the resampler.
+                let tail = g
+                    .resampler
+                    .finish()
+                    .map_err(|e| format!("cannot resample the take: {e}"))?;
+                g.writer
+                    .append(&tail)
+                    .map_err(|e| format!("cannot grow the take: {e}"))?;
+                let expected = take.continuation().frames();
+                if g.received != expected {
+                    nice_warn!(
+                        "the streamed take has {} frames, the finished one {expected}",
+                        g.received
+                    );
+                }
+                let mut store = self.shared.store.lock();
+                store.end_growing(g.id);
+                // Gone when a state loaded meanwhile replaced the takes.
+                let _ = store.set_info(g.id, info);
+                drop(store);
+                g.writer.finish();
+                continue;
+            }
+            if !matches!(job.kind, JobKind::New) {
+                return Err("the extension arrived without its audio".to_owned());
+            }
+            // Not streamed (no chunk arrived): the whole take at once.
             let continuation = take.continuation();
             let mut source = SourceAudio {
                 sample_rate: continuation.sample_rate,
@@ -484,35 +913,502 @@ impl Worker {
                 quantise_to_state(channel);
             }
             let id = TakeId::fresh();
-            let audio = build_take(id, self.sample_rate, anchor.as_ref(), &source)?;
-            let mut info = job.info.clone();
-            info.seed = Some(take.meta.seed);
+            let audio = build_take(id, self.sample_rate, job.anchor.as_ref(), &source)?;
             built.push((i, id, source, audio, info));
         }
         let mut store = self.shared.store.lock();
-        let mut first = None;
         for (i, id, source, take, info) in built {
             let number = store.entries().len() + 1;
             store.insert(TakeEntry {
                 id,
                 name: format!("Take {number}"),
                 info,
-                anchor,
+                anchor: job.anchor,
                 source,
                 take,
             });
             if i == 0 {
-                first = Some(id);
+                store
+                    .select(Some(id), None)
+                    .map_err(|e| format!("cannot play the new take: {e}"))?;
             }
-        }
-        if let Some(id) = first {
-            store
-                .select(Some(id), None)
-                .map_err(|e| format!("cannot play the new take: {e}"))?;
         }
         save_store(&store, &self.params);
         drop(store);
         self.shared.set_status("Take ready".to_owned());
         Ok(())
+    }
+}
+
+impl Drop for Worker {
+    /// The controller stops (deactivation) with a job running: its engine job is cancelled (the
+    /// client goes with the worker) and its partial takes are discarded, as on a cancel.
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            self.discard(job);
+            if self.shared.generate_at.load(Ordering::Acquire) == NO_REQUEST {
+                self.shared.busy.store(false, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// What a job measured of its speed.
+#[derive(Clone, Copy)]
+struct JobPace {
+    progress: Option<(usize, usize, f64)>,
+    chunk_delay_s: f64,
+}
+
+impl Job {
+    fn pace(&self) -> JobPace {
+        JobPace {
+            progress: self.progress,
+            chunk_delay_s: self.chunk_delay_s,
+        }
+    }
+}
+
+/// The pace of growing take `g` of `job` from the job's last progress (`None` before any):
+/// generated frames, final length and speed in frames of the take at `sample_rate`, the
+/// chunks' size and lookahead from the engine's stream configuration, and the measured chunk
+/// delay.
+fn pace_of(job: &JobPace, g: &Growing, sample_rate: f64) -> Option<Pace> {
+    let (step, total, steps_per_s) = job.progress?;
+    if total == 0 {
+        return None;
+    }
+    let ratio = sample_rate / f64::from(MODEL_RATE);
+    let continuation = (g.final_host - g.offset_host) as f64;
+    let stream = StreamConfig::default();
+    // The resampler holds back up to one input chunk (about 1024 frames) and half an output
+    // chunk of filter delay.
+    let resampler_latency = 2_048.0;
+    Some(Pace {
+        generated: g.offset_host as f64 + continuation * step.min(total) as f64 / total as f64,
+        final_frames: g.final_host as f64,
+        frames_per_s: steps_per_s * continuation / total as f64,
+        lookahead: ((stream.right_context_frames + DELAY_STEPS) * HOP) as f64 * ratio
+            + resampler_latency * ratio,
+        chunk: (stream.chunk_frames * HOP) as f64 * ratio,
+        delay_s: 0.1 + 1.5 * job.chunk_delay_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The chunk → growing take path, driven by the engine's events as the service sends them
+    //! (the real engine runs in the host-level tests, `tests/tests/generation.rs`).
+
+    use super::*;
+    use crate::playback::player_pair;
+    use segue_engine::service::TakeMeta;
+
+    const SR: f64 = 44_100.0;
+
+    fn worker() -> Worker {
+        Worker {
+            shared: Arc::new(Shared::default()),
+            params: Arc::new(SegueParams::default()),
+            sample_rate: SR,
+            engine: None,
+            job: None,
+        }
+    }
+
+    fn anchor() -> TakeAnchor {
+        TakeAnchor {
+            beats: 16.0,
+            tempo_bpm: 120.0,
+            time_sig_numerator: 4,
+            time_sig_denominator: 4,
+            bar_index: 4,
+        }
+    }
+
+    fn job(id: JobId, kind: JobKind, expected_frames: usize, takes: usize) -> Job {
+        Job {
+            id,
+            anchor: Some(anchor()),
+            info: GenerationInfo {
+                continuation_bars: 1.0,
+                ..GenerationInfo::default()
+            },
+            kind,
+            expected_frames,
+            streams: (0..takes).map(|_| None).collect(),
+            gone: vec![false; takes],
+            progress: None,
+            progress_at: None,
+            chunk_delay_s: 0.0,
+        }
+    }
+
+    /// Mono audio with every sample different, some beyond the 16-bit grid.
+    fn signal(frames: usize, seed: f32) -> Vec<f32> {
+        (0..frames)
+            .map(|i| ((i as f32 * 0.013 + seed).sin() * 0.6) + 1e-6)
+            .collect()
+    }
+
+    fn finished(continuation: &[f32]) -> EventKind {
+        EventKind::Finished(vec![segue_engine::service::Take {
+            audio: Audio {
+                sample_rate: MODEL_RATE,
+                channels: vec![continuation.to_vec()],
+            },
+            prompt_samples: 0,
+            codes: Vec::new(),
+            prompt_frames: 0,
+            meta: TakeMeta {
+                model: String::new(),
+                text: String::new(),
+                seed: 99,
+                sampling: SamplingParams::default(),
+                prompt_s: 0.0,
+                duration_s: 0.0,
+                generation_s: 0.0,
+                steps: 0,
+                steps_per_s: 0.0,
+                device: String::new(),
+                text_truncated: false,
+            },
+        }])
+    }
+
+    fn chunk(offset: usize, audio: &[f32]) -> EventKind {
+        EventKind::Chunk {
+            take: 0,
+            offset,
+            audio: Audio {
+                sample_rate: MODEL_RATE,
+                channels: vec![audio.to_vec()],
+            },
+        }
+    }
+
+    fn saved(w: &Worker) -> TakesState {
+        let json = w.params.takes.json();
+        if json.is_empty() {
+            TakesState::default()
+        } else {
+            decode_state(&json).unwrap()
+        }
+    }
+
+    /// Chunks become one growing take, inserted and selected at the first chunk, not saved
+    /// until complete; the finished take's audio equals the one-shot build from its source
+    /// (what a reloaded project plays), sample for sample.
+    #[test]
+    fn chunks_grow_a_take_that_equals_the_one_shot_build() {
+        let mut w = worker();
+        let (_player, handle) = player_pair(SR);
+        w.shared.store.lock().attach(handle).unwrap();
+        let frames = 50 * HOP; // one second
+        let audio = signal(frames, 0.3);
+        w.job = Some(job(7, JobKind::New, frames, 1));
+        w.handle(
+            7,
+            EventKind::Progress {
+                step: 10,
+                total: 54,
+                steps_per_s: 100.0,
+            },
+        );
+        let cuts = [0, 25 * HOP, 33 * HOP + 17, frames];
+        w.handle(7, chunk(0, &audio[cuts[0]..cuts[1]]));
+        let id = {
+            let store = w.shared.store.lock();
+            assert_eq!(store.entries().len(), 1);
+            let e = &store.entries()[0];
+            assert_eq!(store.selected(), Some(e.id));
+            assert!(store.is_growing(e.id));
+            assert_eq!(e.source.frames(), 25 * HOP);
+            let (valid, complete) = e.take.available();
+            assert!(!complete);
+            // The resampler holds back less than a chunk of its own.
+            let expected = frames_at(25 * HOP, MODEL_RATE, SR as u32);
+            assert!(valid <= expected && valid + 2_048 > expected, "{valid}");
+            let pace = e.take.pace().expect("no pace published");
+            assert!(pace.is_valid());
+            assert_eq!(
+                pace.final_frames,
+                frames_at(frames, MODEL_RATE, SR as u32) as f64
+            );
+            // 100 steps/s over 54 steps for a second of audio.
+            assert!((pace.frames_per_s - 100.0 * SR / 54.0).abs() < 1.0);
+            // Not in the state while it grows.
+            assert!(store.to_state().takes.is_empty());
+            e.id
+        };
+        // Out-of-order chunks are refused (and the partial take removed).
+        let mut bad = worker();
+        bad.job = Some(job(8, JobKind::New, frames, 1));
+        bad.handle(8, chunk(0, &audio[..100]));
+        bad.handle(8, chunk(200, &audio[200..300]));
+        assert!(bad.job.is_none());
+        assert!(bad.shared.store.lock().entries().is_empty());
+
+        w.handle(7, chunk(cuts[1], &audio[cuts[1]..cuts[2]]));
+        w.handle(7, chunk(cuts[2], &audio[cuts[2]..cuts[3]]));
+        w.handle(7, finished(&audio));
+        assert!(w.job.is_none());
+        let store = w.shared.store.lock();
+        let e = store.get(id).unwrap();
+        assert!(!store.is_growing(id));
+        assert_eq!(e.info.seed, Some(99));
+        let mut quantised = audio.clone();
+        quantise_to_state(&mut quantised);
+        assert_eq!(e.source.channels, vec![quantised]);
+        let (valid, complete) = e.take.available();
+        assert!(complete);
+        let one_shot = build_take(id, SR, e.anchor.as_ref(), &e.source).unwrap();
+        assert_eq!(valid, one_shot.available().0);
+        assert_eq!(e.take.to_planar(), one_shot.to_planar());
+        assert_eq!(e.take.anchor_beats(), Some(16.0));
+        drop(store);
+        let state = saved(&w);
+        assert_eq!(state.takes.len(), 1);
+        assert_eq!(state.selected, Some(0));
+        assert_eq!(state.takes[0].source.frames(), frames);
+    }
+
+    /// A take deleted while it grows stays deleted: its later chunks and the finished take are
+    /// dropped.
+    #[test]
+    fn a_take_deleted_while_growing_stays_deleted() {
+        let mut w = worker();
+        let frames = 10 * HOP;
+        let audio = signal(frames, 0.1);
+        w.job = Some(job(5, JobKind::New, frames, 1));
+        w.handle(5, chunk(0, &audio[..4 * HOP]));
+        let id = w.shared.store.lock().entries()[0].id;
+        w.command(Command::Delete(id)).unwrap();
+        w.handle(5, chunk(4 * HOP, &audio[4 * HOP..]));
+        w.handle(5, finished(&audio));
+        assert!(w.job.is_none());
+        assert!(w.shared.store.lock().entries().is_empty());
+        assert!(saved(&w).takes.is_empty());
+    }
+
+    /// A controller stopped mid-generation (deactivation) leaves no partial take behind.
+    #[test]
+    fn stopping_the_controller_discards_the_partial_take() {
+        let mut w = worker();
+        let shared = w.shared.clone();
+        w.job = Some(job(6, JobKind::New, 10 * HOP, 1));
+        w.handle(6, chunk(0, &signal(4 * HOP, 0.2)));
+        assert_eq!(shared.store.lock().entries().len(), 1);
+        drop(w);
+        assert!(shared.store.lock().entries().is_empty());
+        assert!(!shared.store.lock().to_state().takes.iter().any(|_| true));
+    }
+
+    /// A cancelled or failed generation leaves no partial take.
+    #[test]
+    fn a_cancelled_stream_leaves_no_take() {
+        for end in [EventKind::Cancelled, EventKind::Failed("boom".into())] {
+            let mut w = worker();
+            w.job = Some(job(3, JobKind::New, 10 * HOP, 2));
+            let audio = signal(4 * HOP, 1.0);
+            w.handle(3, chunk(0, &audio));
+            w.handle(
+                3,
+                EventKind::Chunk {
+                    take: 1,
+                    offset: 0,
+                    audio: Audio {
+                        sample_rate: MODEL_RATE,
+                        channels: vec![audio.clone()],
+                    },
+                },
+            );
+            let takes: Vec<Arc<Take>> = w
+                .shared
+                .store
+                .lock()
+                .entries()
+                .iter()
+                .map(|e| e.take.clone())
+                .collect();
+            assert_eq!(takes.len(), 2);
+            w.handle(3, end);
+            assert!(w.shared.store.lock().entries().is_empty());
+            assert_eq!(w.shared.store.lock().selected(), None);
+            // The player may still hold them: complete, so it never waits for more.
+            assert!(takes.iter().all(|t| t.available().1));
+            assert!(saved(&w).takes.is_empty());
+        }
+    }
+
+    /// An extension grows the same take (same id, anchor, name): its old audio, then the
+    /// continuation; the state keeps the old audio until it completes; a cancelled extension
+    /// gives the old take back.
+    #[test]
+    fn an_extension_grows_the_same_take() {
+        let old_frames = 30 * HOP;
+        let old: Vec<f32> = {
+            let mut a = signal(old_frames, 2.0);
+            quantise_to_state(&mut a);
+            a
+        };
+        let source = SourceAudio {
+            sample_rate: MODEL_RATE,
+            channels: vec![old.clone()],
+        };
+        for cancel in [false, true] {
+            let mut w = worker();
+            let id = TakeId::fresh();
+            let take = build_take(id, SR, Some(&anchor()), &source).unwrap();
+            let before = take.to_planar();
+            {
+                let mut store = w.shared.store.lock();
+                store.insert(TakeEntry {
+                    id,
+                    name: "keeper".into(),
+                    info: GenerationInfo::default(),
+                    anchor: Some(anchor()),
+                    source: source.clone(),
+                    take,
+                });
+                store.select(Some(id), None).unwrap();
+                save_store(&store, &w.params);
+            }
+            let new_frames = 40 * HOP;
+            let more = signal(new_frames, 5.0);
+            w.job = Some(job(
+                4,
+                JobKind::Extend {
+                    id,
+                    source: source.clone(),
+                },
+                new_frames,
+                1,
+            ));
+            w.handle(4, chunk(0, &more[..25 * HOP]));
+            {
+                let store = w.shared.store.lock();
+                assert_eq!(store.entries().len(), 1);
+                let e = store.get(id).unwrap();
+                assert_eq!(e.take.id(), id);
+                assert_eq!(e.name, "keeper");
+                assert_eq!(e.source.frames(), old_frames + 25 * HOP);
+                // The old audio, unchanged but for the resampler's edge at its end (the last
+                // input chunk of the old take was padded with zeros, now with the continuation:
+                // about 1024 input frames, plus the filter's delay).
+                let grown = e.take.to_planar();
+                assert!(grown[0].len() > before[0].len());
+                let first_change = (0..before[0].len())
+                    .find(|&i| grown[0][i] != before[0][i])
+                    .unwrap_or(before[0].len());
+                assert!(
+                    first_change + 3_000 > before[0].len(),
+                    "changed from {first_change} of {}",
+                    before[0].len()
+                );
+                // The state holds the old take meanwhile.
+                let state = store.to_state();
+                assert_eq!(state.takes[0].source.channels, vec![old.clone()]);
+            }
+            if cancel {
+                w.handle(4, EventKind::Cancelled);
+                let store = w.shared.store.lock();
+                let e = store.get(id).unwrap();
+                assert_eq!(e.source.channels, vec![old.clone()]);
+                assert_eq!(e.take.to_planar(), before);
+                assert!(e.take.available().1);
+                assert_eq!(store.selected(), Some(id));
+                continue;
+            }
+            w.handle(4, chunk(25 * HOP, &more[25 * HOP..]));
+            w.handle(4, finished(&more));
+            let store = w.shared.store.lock();
+            let e = store.get(id).unwrap();
+            assert_eq!(e.source.frames(), old_frames + new_frames);
+            assert_eq!(e.source.channels[0][..old_frames], old[..]);
+            let rebuilt = build_take(id, SR, e.anchor.as_ref(), &e.source).unwrap();
+            assert_eq!(e.take.to_planar(), rebuilt.to_planar());
+            assert!(e.take.available().1);
+            drop(store);
+            let state = saved(&w);
+            assert_eq!(state.takes.len(), 1);
+            assert_eq!(state.takes[0].source.frames(), old_frames + new_frames);
+            assert_eq!(state.takes[0].anchor, Some(anchor()));
+        }
+    }
+
+    /// Extending a take with the real engine (the tiny fixture checkpoint): the same take grows
+    /// by the requested bars (the continuation-bars parameter, 4 by default, at the take's
+    /// tempo), its old audio unchanged, and it survives a state round trip sample for sample.
+    #[test]
+    fn extend_with_the_real_engine_grows_the_take_by_the_requested_bars() {
+        let mut w = worker();
+        *w.params.model.write() = format!(
+            "{}/../engine/fixtures/tiny-musicgen-mono",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let bars = w.params.continuation_bars.value();
+        assert_eq!(bars, crate::params::DEFAULT_CONTINUATION_BARS);
+        // One bar at 120 BPM: 2 s.
+        let mut old = signal(2 * MODEL_RATE as usize, 0.7);
+        quantise_to_state(&mut old);
+        let source = SourceAudio {
+            sample_rate: MODEL_RATE,
+            channels: vec![old.clone()],
+        };
+        let id = TakeId::fresh();
+        {
+            let mut store = w.shared.store.lock();
+            store.insert(TakeEntry {
+                id,
+                name: "Take 1".into(),
+                info: GenerationInfo {
+                    continuation_bars: 1.0,
+                    ..GenerationInfo::default()
+                },
+                anchor: Some(anchor()),
+                source: source.clone(),
+                take: build_take(id, SR, Some(&anchor()), &source).unwrap(),
+            });
+            store.select(Some(id), None).unwrap();
+        }
+        w.extend(id).unwrap();
+        assert!(w.shared.busy());
+        let started = Instant::now();
+        while w.job.is_some() {
+            assert!(started.elapsed() < Duration::from_secs(300), "no end");
+            w.step();
+        }
+        assert!(!w.shared.busy(), "{}", w.shared.status.lock());
+        let store = w.shared.store.lock();
+        assert_eq!(store.entries().len(), 1, "{}", w.shared.status.lock());
+        let e = store.get(id).unwrap();
+        let added = continuation_frames(f64::from(bars) * 2.0);
+        assert_eq!(e.source.frames(), old.len() + added);
+        assert_eq!(added, bars as usize * 2 * MODEL_RATE as usize);
+        assert_eq!(e.source.channels[0][..old.len()], old[..]);
+        assert!(e.source.channels[0][old.len()..]
+            .iter()
+            .any(|x| x.abs() > 1e-3));
+        assert_eq!(e.info.continuation_bars, 1.0 + bars as f32);
+        assert_eq!(e.anchor, Some(anchor()));
+        assert_eq!(store.selected(), Some(id));
+        let live = e.take.to_planar();
+        assert!(e.take.available().1);
+        assert_eq!(
+            live[0].len(),
+            frames_at(e.source.frames(), MODEL_RATE, SR as u32)
+        );
+        drop(store);
+        // Saved and restored: the same audio.
+        let state = saved(&w);
+        assert_eq!(state.takes.len(), 1);
+        let mut restored = TakeStore::new();
+        let errors = restored.restore(state, |id, saved| {
+            build_take(id, SR, saved.anchor.as_ref(), &saved.source)
+        });
+        assert!(errors.is_empty());
+        assert_eq!(restored.entries()[0].take.to_planar(), live);
+        assert_eq!(restored.entries()[0].anchor, Some(anchor()));
     }
 }

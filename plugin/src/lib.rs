@@ -17,6 +17,7 @@ pub mod dsp;
 pub mod editor;
 pub mod params;
 pub mod playback;
+pub mod stream;
 pub mod takes;
 pub mod transport;
 

@@ -54,7 +54,7 @@ pub const PROMPT_BARS_RANGE: (i32, i32) = (1, 16);
 /// Default prompt length, in bars.
 pub const DEFAULT_PROMPT_BARS: i32 = 4;
 /// Lowest and highest continuation length, in bars.
-pub const CONTINUATION_BARS_RANGE: (i32, i32) = (1, 16);
+pub const CONTINUATION_BARS_RANGE: (i32, i32) = (1, 64);
 /// Default continuation length, in bars.
 pub const DEFAULT_CONTINUATION_BARS: i32 = 4;
 /// Value of the generate trigger note parameter meaning "no note triggers a generation".

@@ -27,14 +27,20 @@
 //!   old one with a short fade. The transport does not matter except for quantising.
 //!
 //! Every cut (stop, seek, loop, reselection, retrigger) fades over [`FADE_MS`]; a complete take's
-//! last [`FADE_MS`] fade out. A growing take whose audio runs out fades out in time (ending on the
-//! last written frame), counts an underrun, keeps its place silently and resumes with a fade-in
-//! at a bar line (MIDI: at once) when enough audio has arrived.
+//! last [`FADE_MS`] fade out. A growing take (streaming) starts, in every mode, only where it can
+//! play through to its end at its measured pace ([`crate::stream::plays_through`]): next-bar mode
+//! delays the launch to such a bar line, timeline mode waits silently in place and joins at one,
+//! MIDI waits in place and comes in as soon as it can; waiting to start is not an underrun. A
+//! growing take whose audio runs out anyway fades out in time (ending on the last written frame),
+//! counts an underrun, keeps its place silently and resumes with a fade-in at the first bar line
+//! (MIDI: at once) from which it can again play through. A new version of the playing take (same
+//! id: an extension) takes over from the old one where the voice is, unheard.
 
 use std::mem;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::stream::plays_through;
 use crate::takes::{Take, TakeId};
 use crate::transport::{
     block_end_beats, continues_at, take_frame_at, Grid, TransportSnapshot, BEAT_EPSILON,
@@ -423,10 +429,19 @@ impl Voice {
     }
 }
 
-/// True when `take` has audio at `frame` and, unless complete, `margin` frames beyond it.
+/// True when `take` played from `frame` from now on plays through to its end: a complete take
+/// has audio there; a growing one has `margin` frames beyond it and, at its measured pace, keeps
+/// ahead of playback (see [`crate::stream::plays_through`]).
 fn ready(take: &Take, frame: usize, margin: usize) -> bool {
     let (valid, complete) = take.available();
-    frame < valid && (complete || valid - frame >= margin)
+    plays_through(
+        frame,
+        valid,
+        complete,
+        take.pace().as_ref(),
+        take.sample_rate(),
+        margin,
+    )
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -575,6 +590,14 @@ impl Player {
                         self.status.rate_mismatch.store(!ok, Ordering::Relaxed);
                         ok
                     });
+                    if let Some(new) = take.as_ref().filter(|t| self.extends_main(t)) {
+                        // A new version of the take the main voice plays (an extension: the
+                        // same audio followed by more): it goes on in it where it is.
+                        self.main.take = Some(new.clone());
+                        // The old version is dropped here: not the last reference.
+                        self.selected = take;
+                        continue;
+                    }
                     let same = match (&take, &self.selected) {
                         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                         (None, None) => true,
@@ -605,6 +628,20 @@ impl Player {
                 }
             }
         }
+    }
+
+    /// Whether `take` is another version of the main voice's take (same id) that has audio where
+    /// the voice is (or the voice waits anyway), so the voice can move over to it unheard.
+    fn extends_main(&self, take: &Arc<Take>) -> bool {
+        let Some(old) = &self.main.take else {
+            return false;
+        };
+        if Arc::ptr_eq(old, take) || old.id() != take.id() {
+            return false;
+        }
+        let (valid, complete) = take.available();
+        let pos = self.main.pos;
+        self.main.starved || (complete && pos < valid) || valid >= pos + self.fade
     }
 
     /// Moves the main voice to a tail slot, fading out.
@@ -661,8 +698,8 @@ impl Player {
         let fade = fade_in.then_some(self.fade);
         self.main = Voice::start(take, frame, fade, velocity);
         if !ready {
+            // Waiting for a growing take to start is not an underrun: nothing was cut.
             self.main.starved = true;
-            self.status.underruns.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -780,7 +817,10 @@ impl Player {
             match self.selected.clone() {
                 Some(take) => {
                     let offset = match &grid {
-                        Some(g) => self.launch_offset(g, n),
+                        // A growing take launches at the first bar line from which it plays
+                        // through (it is checked at the bar line in this block: the judgment
+                        // only changes between blocks).
+                        Some(g) => self.launch_offset(g, n).filter(|_| ready(&take, 0, margin)),
                         // No musical position: no bar lines to wait for.
                         None => self.launch_not_before.is_none().then_some(0),
                     };
@@ -1484,6 +1524,298 @@ mod tests {
         }
         assert!(!player.status.waiting());
         assert_eq!(player.status.underruns(), 1);
+    }
+
+    /// A simulated generation feeding a growing take as the controller does: chunks of
+    /// `chunk` frames arriving at `speed` times real time (after a first one of `first` frames
+    /// at `first_at` frames of output), the pace republished with every step of the simulation.
+    struct Feed {
+        audio: Vec<Vec<f32>>,
+        writer: Option<crate::takes::TakeWriter>,
+        speed: f64,
+        /// Output frames `(from, len)` during which generation stalls (another job, a busy
+        /// machine); the pace still claims `speed`.
+        stall: (usize, usize),
+        first: usize,
+        first_at: usize,
+        chunk: usize,
+        written: usize,
+    }
+
+    impl Feed {
+        /// Frames generated by output frame `now`.
+        fn generated(&self, now: usize) -> f64 {
+            if now < self.first_at {
+                return 0.0;
+            }
+            let (from, len) = self.stall;
+            let stalled = now.clamp(from, from + len) - from;
+            (self.first as f64 + (now - self.first_at - stalled) as f64 * self.speed)
+                .min(self.audio[0].len() as f64)
+        }
+
+        fn update(&mut self, now: usize) {
+            let total = self.audio[0].len();
+            let generated = self.generated(now) as usize;
+            let Some(writer) = self.writer.as_mut() else {
+                return;
+            };
+            // Whole chunks only (the last one when everything is generated).
+            let mut end = self.written;
+            while end < total {
+                let next = if end == 0 {
+                    self.first
+                } else {
+                    end + self.chunk
+                }
+                .min(total);
+                if next > generated {
+                    break;
+                }
+                end = next;
+            }
+            if end > self.written {
+                let part = [
+                    &self.audio[0][self.written..end],
+                    &self.audio[1][self.written..end],
+                ];
+                writer.append(&part).unwrap();
+                self.written = end;
+            }
+            writer.set_pace(&crate::stream::Pace {
+                generated: generated as f64,
+                final_frames: total as f64,
+                frames_per_s: 44_100.0 * self.speed,
+                lookahead: 0.0,
+                chunk: self.chunk as f64,
+                delay_s: 0.0,
+            });
+            if self.written == total {
+                self.writer.take();
+            }
+        }
+    }
+
+    /// The chunk boundary (first chunk `first`, then `chunk` each) at or after `frame`.
+    fn feed_chunks_end(first: usize, chunk: usize, frame: usize) -> usize {
+        let mut end = first;
+        while end < frame {
+            end += chunk;
+        }
+        end
+    }
+
+    fn run_fed(
+        sim: &mut Sim,
+        player: &mut Player,
+        settings: &PlayerSettings,
+        feed: &mut Feed,
+        frames: usize,
+    ) {
+        let end = sim.frame() + frames;
+        while sim.frame() < end {
+            feed.update(sim.frame());
+            let n = 256.min(end - sim.frame());
+            sim.run(player, settings, n);
+        }
+    }
+
+    /// Next-bar mode: a growing take launches at the first bar line from which it plays
+    /// through, from its first frame, and then plays without a gap, at any generation speed.
+    #[test]
+    fn a_growing_take_launches_where_it_plays_through() {
+        let sr = 44_100.0;
+        let settings = PlayerSettings {
+            mode: PlaybackMode::NextBar,
+            ..PlayerSettings::default()
+        };
+        let bar = 88_200; // 120 BPM, 4/4
+        let mut starts = Vec::new();
+        for speed in [4.0, 1.5, 0.6] {
+            let (mut player, mut handle) = player_pair(sr);
+            let mut sim = Sim::new(sr, 120.0, Blocks::Random(9));
+            let audio = take_audio(6 * bar);
+            let (take, writer) = Take::growing(TakeId::fresh(), sr, None, 2, 6 * bar).unwrap();
+            let mut feed = Feed {
+                audio: audio.clone(),
+                writer: Some(writer),
+                speed,
+                stall: (0, 0),
+                first: 22_050,
+                first_at: 20_000,
+                chunk: 176_400,
+                written: 0,
+            };
+            // The take is selected when its first chunk arrives.
+            run_fed(&mut sim, &mut player, &settings, &mut feed, 20_000);
+            feed.update(20_000);
+            select(&mut handle, &take, None);
+            run_fed(&mut sim, &mut player, &settings, &mut feed, 60 * bar);
+            let out = &sim.out[0];
+            let start = out.iter().position(|&x| x != 0.0).unwrap();
+            assert_eq!(
+                start % bar,
+                0,
+                "speed {speed}: starts at {start}, not on a bar line"
+            );
+            for j in 0..audio[0].len() {
+                assert_eq!(
+                    out[start + j],
+                    audio[0][j] * tail(audio[0].len() - j, player.fade_frames()),
+                    "speed {speed}: frame {j}"
+                );
+            }
+            assert_eq!(player.status.underruns(), 0, "speed {speed}");
+            starts.push(start / bar);
+        }
+        // Four times real time: the first bar line after the second chunk (at 0.45 + 1 s);
+        // slower generation waits longer.
+        assert_eq!(starts[0], 1);
+        assert!(starts[0] < starts[1] && starts[1] < starts[2], "{starts:?}");
+    }
+
+    /// Timeline mode: a growing take anchored where its prompt ended joins at the first bar line
+    /// from which the timeline position stays covered, fades in there and plays on in place.
+    #[test]
+    fn a_growing_take_joins_the_timeline_where_it_has_caught_up() {
+        let sr = 44_100.0;
+        let bar = 88_200;
+        let (mut player, mut handle) = player_pair(sr);
+        let mut sim = Sim::new(sr, 120.0, Blocks::Fixed(512));
+        let audio = take_audio(8 * bar);
+        // Anchored at beat 0: the press, at the start of the simulation.
+        let (take, writer) = Take::growing(TakeId::fresh(), sr, Some(0.0), 2, 8 * bar).unwrap();
+        let mut feed = Feed {
+            audio: audio.clone(),
+            writer: Some(writer),
+            speed: 3.0,
+            stall: (0, 0),
+            first: 22_050,
+            first_at: 30_000,
+            chunk: 176_400,
+            written: 0,
+        };
+        run_fed(&mut sim, &mut player, &timeline(), &mut feed, 30_000);
+        feed.update(30_000);
+        select(&mut handle, &take, None);
+        run_fed(&mut sim, &mut player, &timeline(), &mut feed, 9 * bar);
+        let out = &sim.out[0];
+        let start = out.iter().position(|&x| x != 0.0).unwrap();
+        let fade = player.fade_frames();
+        assert_eq!(start % bar, 0, "joins at {start}");
+        assert!(start > 0);
+        for j in start + fade..8 * bar {
+            assert_eq!(out[j], audio[0][j] * tail(8 * bar - j, fade), "frame {j}");
+        }
+        assert_eq!(player.status.underruns(), 0);
+    }
+
+    /// Generation falls behind the estimate (it stalls for three bars just after the start): the take fades out where
+    /// its audio runs out (an underrun), waits in place and resumes, faded in, on a later bar
+    /// line, from where the time since its start says, and plays on to its end.
+    #[test]
+    fn a_take_that_falls_behind_fades_out_and_resumes_on_a_bar_line() {
+        let sr = 44_100.0;
+        let bar = 88_200;
+        let settings = PlayerSettings {
+            mode: PlaybackMode::NextBar,
+            ..PlayerSettings::default()
+        };
+        let (mut player, mut handle) = player_pair(sr);
+        let mut sim = Sim::new(sr, 120.0, Blocks::Fixed(300));
+        let audio = take_audio(16 * bar);
+        let (take, writer) = Take::growing(TakeId::fresh(), sr, None, 2, 16 * bar).unwrap();
+        let mut feed = Feed {
+            audio: audio.clone(),
+            writer: Some(writer),
+            speed: 2.0,
+            stall: (2 * bar, 3 * bar),
+            first: 22_050,
+            first_at: 10_000,
+            chunk: 176_400,
+            written: 0,
+        };
+        run_fed(&mut sim, &mut player, &settings, &mut feed, 10_000);
+        feed.update(10_000);
+        select(&mut handle, &take, None);
+        run_fed(&mut sim, &mut player, &settings, &mut feed, 30 * bar);
+        let out = &sim.out[0];
+        let fade = player.fade_frames();
+        let start = out.iter().position(|&x| x != 0.0).unwrap();
+        assert_eq!(start % bar, 0);
+        // The first silence after the start: the last written frame, where the fade-out ends
+        // (at gain 0).
+        let gap = start + out[start..].iter().position(|&x| x == 0.0).unwrap();
+        assert!(gap < start + 16 * bar, "no gap");
+        let end = gap + 1;
+        for k in 0..fade {
+            let j = end - start - fade + k;
+            let g = ramp_gain(1.0, 0.0, k as u32 + 1, fade as u32);
+            assert_eq!(out[end - fade + k], audio[0][j] * g, "fade-out frame {k}");
+        }
+        assert_eq!(end - start, feed_chunks_end(22_050, 176_400, end - start));
+        // It resumes on a bar line, in place (the take frame the elapsed time says), faded in.
+        let resume = gap + out[gap..].iter().position(|&x| x != 0.0).unwrap();
+        assert_eq!(resume % bar, 0, "resumes at {resume}");
+        let j0 = resume - start;
+        for k in 0..fade {
+            let g = ramp_gain(0.0, 1.0, k as u32 + 1, fade as u32);
+            assert_eq!(out[resume + k], audio[0][j0 + k] * g, "fade-in frame {k}");
+        }
+        assert!(j0 < 16 * bar, "resumed after the take's end");
+        for j in j0 + fade..16 * bar {
+            assert_eq!(
+                out[start + j],
+                audio[0][j] * tail(16 * bar - j, fade),
+                "frame {j}"
+            );
+        }
+        assert_eq!(player.status.underruns(), 1);
+    }
+
+    /// A new version of the playing take (an extension: same id, same audio, then more) takes
+    /// over without a sound: the output is the longer audio throughout.
+    #[test]
+    fn an_extended_take_plays_on_seamlessly() {
+        let sr = 44_100.0;
+        let bar = 88_200;
+        for mode in [PlaybackMode::Timeline, PlaybackMode::NextBar] {
+            let settings = PlayerSettings {
+                mode,
+                ..PlayerSettings::default()
+            };
+            let (mut player, mut handle) = player_pair(sr);
+            let mut sim = Sim::new(sr, 120.0, Blocks::Random(3));
+            let long = take_audio(3 * bar);
+            let id = TakeId::fresh();
+            let short = [&long[0][..bar], &long[1][..bar]];
+            let old = Take::complete(id, sr, Some(4.0), &short).unwrap();
+            select(&mut handle, &old, None);
+            sim.timeline = sim.at(3.0);
+            sim.run(&mut player, &settings, bar / 2);
+            let (new, mut writer) = Take::growing(id, sr, Some(4.0), 2, 3 * bar).unwrap();
+            writer
+                .append(&[&long[0][..2 * bar], &long[1][..2 * bar]])
+                .unwrap();
+            select(&mut handle, &new, None);
+            sim.run(&mut player, &settings, bar);
+            writer
+                .append(&[&long[0][2 * bar..], &long[1][2 * bar..]])
+                .unwrap();
+            writer.finish();
+            sim.run(&mut player, &settings, 3 * bar);
+            let out = &sim.out[0];
+            let start = out.iter().position(|&x| x != 0.0).unwrap();
+            assert_eq!(start, sim.spb() as usize, "{mode:?}");
+            for j in 0..3 * bar {
+                assert_eq!(
+                    out[start + j],
+                    long[0][j] * tail(3 * bar - j, player.fade_frames()),
+                    "{mode:?}: frame {j}"
+                );
+            }
+            assert_eq!(player.status.underruns(), 0);
+        }
     }
 
     /// Capture, prompt, take, store and player together, as `process()` and the generation

@@ -27,6 +27,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::playback::{PlayerCommand, PlayerHandle};
+use crate::stream::Pace;
 
 /// Most channels a take may have.
 pub const MAX_CHANNELS: usize = 2;
@@ -93,6 +94,48 @@ pub struct Take {
     /// Position of frame 0 on the host timeline, in quarter-note beats (the bar line where the
     /// prompt ended). `None` for a take that can only be launched or played from MIDI.
     anchor_beats: Option<f64>,
+    /// How a growing take's audio arrives (see [`crate::stream`]); written by its writer.
+    pace: PaceCell,
+}
+
+/// A [`Pace`] in atomics: written by one thread, read by the audio thread. A read that overlaps a
+/// write may mix fields of two consecutive estimates, which are both usable.
+#[derive(Debug, Default)]
+struct PaceCell {
+    set: AtomicBool,
+    fields: [AtomicU64; 6],
+}
+
+impl PaceCell {
+    fn store(&self, p: &Pace) {
+        let values = [
+            p.generated,
+            p.final_frames,
+            p.frames_per_s,
+            p.lookahead,
+            p.chunk,
+            p.delay_s,
+        ];
+        for (f, v) in self.fields.iter().zip(values) {
+            f.store(v.to_bits(), Ordering::Relaxed);
+        }
+        self.set.store(true, Ordering::Release);
+    }
+
+    fn load(&self) -> Option<Pace> {
+        if !self.set.load(Ordering::Acquire) {
+            return None;
+        }
+        let v = |i: usize| f64::from_bits(self.fields[i].load(Ordering::Relaxed));
+        Some(Pace {
+            generated: v(0),
+            final_frames: v(1),
+            frames_per_s: v(2),
+            lookahead: v(3),
+            chunk: v(4),
+            delay_s: v(5),
+        })
+    }
 }
 
 impl std::fmt::Debug for Take {
@@ -143,6 +186,7 @@ impl Take {
             valid: AtomicUsize::new(0),
             complete: AtomicBool::new(false),
             anchor_beats,
+            pace: PaceCell::default(),
         })
     }
 
@@ -232,6 +276,12 @@ impl Take {
         f32::from_bits(self.samples[c * self.capacity + frame].load(Ordering::Relaxed))
     }
 
+    /// How a growing take's audio arrives, once its writer has measured it. Realtime-safe.
+    #[inline]
+    pub fn pace(&self) -> Option<Pace> {
+        self.pace.load()
+    }
+
     /// The readable frames copied out as planar audio (for export, waveforms, tests). Allocates.
     pub fn to_planar(&self) -> Vec<Vec<f32>> {
         let (valid, _) = self.available();
@@ -290,6 +340,11 @@ impl TakeWriter {
         }
         take.valid.store(end, Ordering::Release);
         Ok(())
+    }
+
+    /// Publishes how the take's audio arrives (for the player's start judgment).
+    pub fn set_pace(&self, pace: &Pace) {
+        self.take.pace.store(pace);
     }
 
     /// Marks the take complete: its current length is final.
@@ -410,6 +465,10 @@ pub struct TakeStore {
     /// [`TakeStore::collect_garbage`] once the store's clone is the last.
     graveyard: Vec<Arc<Take>>,
     player: Option<PlayerHandle>,
+    /// Takes being generated or extended, with the frames of their source the state saves
+    /// meanwhile (0: a new take, not saved until complete; an extended take saves its old
+    /// audio until the extension completes).
+    growing: Vec<(TakeId, usize)>,
 }
 
 impl TakeStore {
@@ -504,6 +563,59 @@ impl TakeStore {
         Ok(())
     }
 
+    /// Marks a take as growing: until [`TakeStore::end_growing`], the state saves only the
+    /// first `saved_frames` frames of its source (none when 0: the take is left out).
+    pub fn begin_growing(&mut self, id: TakeId, saved_frames: usize) {
+        self.growing.retain(|(g, _)| *g != id);
+        self.growing.push((id, saved_frames));
+    }
+
+    /// The take's audio is final: the state saves all of it.
+    pub fn end_growing(&mut self, id: TakeId) {
+        self.growing.retain(|(g, _)| *g != id);
+    }
+
+    /// Whether a take is growing (see [`TakeStore::begin_growing`]).
+    pub fn is_growing(&self, id: TakeId) -> bool {
+        self.growing.iter().any(|(g, _)| *g == id)
+    }
+
+    /// Replaces a take's host-rate audio by `take` (same id: the audio it had, possibly followed
+    /// by more) and its saved source by `source`. The player, if it plays the take, goes on in
+    /// the new audio from where it is.
+    pub fn replace_take(
+        &mut self,
+        id: TakeId,
+        take: Arc<Take>,
+        source: SourceAudio,
+    ) -> Result<(), StoreError> {
+        let entry = self
+            .entries
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or(StoreError::NoSuchTake(id))?;
+        debug_assert_eq!(take.id(), id);
+        let old = std::mem::replace(&mut entry.take, take);
+        entry.source = source;
+        self.graveyard.push(old);
+        if self.selected == Some(id) {
+            self.select(Some(id), None)?;
+        }
+        self.collect_garbage();
+        Ok(())
+    }
+
+    /// Replaces the generation settings a take is saved with.
+    pub fn set_info(&mut self, id: TakeId, info: GenerationInfo) -> Result<(), StoreError> {
+        let entry = self
+            .entries
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or(StoreError::NoSuchTake(id))?;
+        entry.info = info;
+        Ok(())
+    }
+
     /// Renames a take.
     pub fn rename(&mut self, id: TakeId, name: &str) -> Result<(), StoreError> {
         let entry = self
@@ -525,6 +637,7 @@ impl TakeStore {
         if self.selected == Some(id) {
             self.select(None, None)?;
         }
+        self.end_growing(id);
         let entry = self.entries.remove(index);
         self.graveyard.push(entry.take.clone());
         self.collect_garbage();
@@ -558,23 +671,42 @@ impl TakeStore {
         self.graveyard.len()
     }
 
-    /// What the state saves: every take's source audio, metadata and the selection.
+    /// What the state saves: every take's source audio, metadata and the selection. A growing
+    /// take is saved as it was before its generation (a new one not at all), so a project saved
+    /// mid-generation holds only final audio.
     pub fn to_state(&self) -> TakesState {
-        TakesState {
-            takes: self
-                .entries
+        let mut takes = Vec::with_capacity(self.entries.len());
+        let mut selected = None;
+        for e in &self.entries {
+            let saved_frames = self
+                .growing
                 .iter()
-                .map(|e| SavedTake {
-                    name: e.name.clone(),
-                    info: e.info.clone(),
-                    anchor: e.anchor,
-                    source: e.source.clone(),
-                })
-                .collect(),
-            selected: self
-                .selected
-                .and_then(|id| self.entries.iter().position(|e| e.id == id)),
+                .find(|(g, _)| *g == e.id)
+                .map(|(_, n)| *n);
+            let source = match saved_frames {
+                None => e.source.clone(),
+                Some(0) => continue,
+                Some(n) => SourceAudio {
+                    sample_rate: e.source.sample_rate,
+                    channels: e
+                        .source
+                        .channels
+                        .iter()
+                        .map(|c| c[..n.min(c.len())].to_vec())
+                        .collect(),
+                },
+            };
+            if self.selected == Some(e.id) {
+                selected = Some(takes.len());
+            }
+            takes.push(SavedTake {
+                name: e.name.clone(),
+                info: e.info.clone(),
+                anchor: e.anchor,
+                source,
+            });
         }
+        TakesState { takes, selected }
     }
 
     /// Replaces every take by those of a loaded state. `build` makes each take's host-rate audio
@@ -586,6 +718,7 @@ impl TakeStore {
         mut build: impl FnMut(TakeId, &SavedTake) -> Result<Arc<Take>, E>,
     ) -> Vec<E> {
         let mut errors = Vec::new();
+        self.growing.clear();
         let old = std::mem::take(&mut self.entries);
         self.graveyard.extend(old.into_iter().map(|e| e.take));
         let mut selected = None;
@@ -1196,6 +1329,51 @@ mod tests {
                 got: 1
             })
         ));
+    }
+
+    /// Growing takes are saved as they were before their generation: a new one not at all, an
+    /// extended one with its old frames; the selection index counts only saved takes.
+    #[test]
+    fn growing_takes_save_only_final_audio() {
+        let mut store = TakeStore::new();
+        let a = store.insert(entry(100));
+        let b = store.insert(entry(300));
+        let c = store.insert(entry(50));
+        store.select(Some(c), None).unwrap();
+        store.begin_growing(a, 0);
+        store.begin_growing(b, 120);
+        assert!(store.is_growing(a) && store.is_growing(b) && !store.is_growing(c));
+        let state = store.to_state();
+        assert_eq!(state.takes.len(), 2);
+        assert_eq!(state.takes[0].source.frames(), 120);
+        assert_eq!(
+            state.takes[0].source.channels[1][..],
+            store.get(b).unwrap().source.channels[1][..120]
+        );
+        assert_eq!(state.takes[1].source.frames(), 50);
+        assert_eq!(state.selected, Some(1));
+        store.end_growing(a);
+        store.end_growing(b);
+        let state = store.to_state();
+        assert_eq!(state.takes.len(), 3);
+        assert_eq!(state.takes[1].source.frames(), 300);
+        assert_eq!(state.selected, Some(2));
+        // Replacing a take's audio keeps its place, id and selection.
+        store.begin_growing(c, 50);
+        let (longer, _writer) = Take::growing(c, 48_000.0, Some(0.0), 2, 500).unwrap();
+        store
+            .replace_take(c, longer.clone(), source(80, 2))
+            .unwrap();
+        assert!(Arc::ptr_eq(&store.get(c).unwrap().take, &longer));
+        assert_eq!(store.get(c).unwrap().source.frames(), 80);
+        assert_eq!(store.selected(), Some(c));
+        assert_eq!(store.to_state().takes[2].source.frames(), 50);
+        assert!(store
+            .replace_take(TakeId(u64::MAX), longer, source(1, 2))
+            .is_err());
+        // Removing a growing take forgets it.
+        store.remove(c).unwrap();
+        assert!(!store.is_growing(c));
     }
 
     fn player_status(store: &TakeStore) -> Arc<crate::playback::PlayerStatus> {

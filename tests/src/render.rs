@@ -82,6 +82,10 @@ pub struct RenderRequest<'a> {
     /// block. nice-plug 0.4.2 misplaces the position after an in-block transport event (it adds
     /// the event's offset to a position that already holds at that offset).
     pub split_at_transport_changes: bool,
+    /// Hand the blocks over no faster than real time (a block is processed once the wall-clock
+    /// time since the render started reaches its first sample), as a live host does: what the
+    /// plugin generates meanwhile arrives at the pace it would while a musician listens.
+    pub real_time: bool,
 }
 
 impl<'a> RenderRequest<'a> {
@@ -95,7 +99,14 @@ impl<'a> RenderRequest<'a> {
             events: Vec::new(),
             split,
             split_at_transport_changes: false,
+            real_time: false,
         }
+    }
+
+    /// Paces the blocks in real time; see [`RenderRequest::real_time`].
+    pub fn in_real_time(mut self) -> Self {
+        self.real_time = true;
+        self
     }
 
     /// Cuts blocks at transport jumps; see [`RenderRequest::split_at_transport_changes`].
@@ -158,7 +169,14 @@ pub fn render<'a>(
     let mut next_event = 0usize;
     let mut block_events = Vec::new();
     let mut lengths: std::collections::VecDeque<usize> = request.split.lengths(total).into();
+    let started = std::time::Instant::now();
     while let Some(mut len) = lengths.pop_front() {
+        if request.real_time {
+            let due = std::time::Duration::from_secs_f64(start as f64 / sample_rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         if request.split_at_transport_changes {
             // The first jump strictly inside the block: a scripted transport event or the wrap.
             let scripted = request.events[next_event..]

@@ -515,3 +515,248 @@ fn the_trigger_note_requests_a_generation_and_other_notes_do_not() -> Result<()>
     assert_eq!(state.takes[0].anchor.map(|a| a.beats), Some(16.0));
     Ok(())
 }
+
+/// Continuations longer than one window of the model (30 s) are one take: 20 bars at 120 BPM
+/// (40 s) come out with their full length, sound throughout (no silent stretch at the window
+/// seam) and play from the first sample of bar 5.
+#[test]
+fn a_continuation_longer_than_a_window_is_one_take() -> Result<()> {
+    use_tiny_model();
+    let lib = PluginLibrary::segue()?;
+    let (rate, tempo) = (48_000.0, 120.0);
+    let split = BlockSplit::Fixed(512);
+    let mut plugin = lib.instantiate()?;
+    plugin.set_param("monitor", 0.0)?;
+    set_int(&mut plugin, "continuation-bars", 20, 1)?;
+    plugin.activate(rate, split.max_len())?;
+    play_phrase_and_generate(&mut plugin, rate, tempo, &split)?;
+    let state = wait_for_takes(&mut plugin, 1)?;
+    let saved = &state.takes[0];
+    assert_eq!(saved.source.frames(), 40 * 32_000, "20 bars at 120 BPM");
+    assert_eq!(saved.info.continuation_bars, 20.0);
+    // Every tenth of a second holds sound.
+    for (k, piece) in saved.source.channels[0].chunks(3_200).enumerate() {
+        let rms = (piece.iter().map(|x| x * x).sum::<f32>() / piece.len() as f32).sqrt();
+        assert!(
+            rms > 1e-4,
+            "silent around {:.1} s (rms {rms})",
+            k as f64 / 10.0
+        );
+    }
+    let take = host_rate_audio(saved, rate)?;
+    assert_replay_from_bar_four("40 s take", &mut plugin, rate, tempo, &take, &split)?;
+    Ok(())
+}
+
+/// What a live streamed generation did, in output samples (the phrase starts at 0).
+struct StreamedRun {
+    /// The press, a quarter bar into bar 5.
+    press: usize,
+    /// First audible sample of the take.
+    start: usize,
+    /// End of the render piece after which the state first held the complete take.
+    completed_at: usize,
+    /// Wall-clock seconds from the press to the render piece holding the first audible sample.
+    first_audible_s: f64,
+    /// Samples per bar.
+    bar: usize,
+    output: StereoBuffer,
+    take: Vec<f32>,
+}
+
+/// Playback modes as the `playback-mode` parameter counts them.
+const TIMELINE: f64 = 0.0;
+const NEXT_BAR: f64 = 1.0;
+
+/// Plays the phrase, presses `generate` for an 8-bar continuation at 120 BPM in playback mode
+/// `mode` and goes on in real time (blocks handed over no faster than a live host would) until
+/// the take has played to its end (next bar: from its first frame; timeline: to the end of its
+/// span on the timeline).
+fn streamed_run(lib: &PluginLibrary, rate: f64, mode: f64) -> Result<StreamedRun> {
+    let tempo = 120.0;
+    let split = BlockSplit::Fixed(512);
+    let mut plugin = lib.instantiate()?;
+    plugin.set_param("monitor", 0.0)?;
+    set_int(&mut plugin, "continuation-bars", 8, 1)?;
+    plugin.set_param("playback-mode", mode)?;
+    plugin.activate(rate, split.max_len())?;
+    let first = play_phrase_and_generate(&mut plugin, rate, tempo, &split)?;
+    let pressed = Instant::now();
+    let spb = spb(rate, tempo);
+    let press = sample_at(17.0, rate, tempo);
+    let mut done = first[0].len();
+    let base = Transport::playing(tempo, TimeSignature::COMMON);
+    let bar = (4.0 * spb) as usize;
+    let take_frames = 8 * bar;
+    let mut out = first;
+    let mut completed_at = None;
+    let mut first_audible_s = None;
+    loop {
+        let piece = play_paced(
+            &mut plugin,
+            rate / 20.0,
+            base.at_beats(done as f64 / spb),
+            &split,
+        )?;
+        let audible = piece[0].iter().any(|x| *x != 0.0);
+        for (o, p) in out.iter_mut().zip(&piece) {
+            o.extend_from_slice(p);
+        }
+        done += piece[0].len();
+        if audible && first_audible_s.is_none() {
+            first_audible_s = Some(pressed.elapsed().as_secs_f64());
+        }
+        if completed_at.is_none() && !saved_takes(&mut plugin)?.takes.is_empty() {
+            completed_at = Some(done);
+        }
+        let start = out[0][press..]
+            .iter()
+            .position(|x| *x != 0.0)
+            .map(|i| press + i);
+        // Timeline: the take spans bars 5 to 12 on the timeline, wherever it joins.
+        let end = match start {
+            Some(_) if mode == TIMELINE => Some(4 * bar + take_frames),
+            Some(s) => Some(s + take_frames),
+            None => None,
+        };
+        if end.is_some_and(|e| done > e + bar) {
+            break;
+        }
+        ensure!(
+            pressed.elapsed() < Duration::from_secs(3_600),
+            "the take did not play through within an hour (completed at {completed_at:?})"
+        );
+    }
+    let state = saved_takes(&mut plugin)?;
+    ensure!(state.takes.len() == 1, "{} takes", state.takes.len());
+    let take = host_rate_audio(&state.takes[0], rate)?;
+    Ok(StreamedRun {
+        press,
+        start: press + out[0][press..].iter().position(|x| *x != 0.0).unwrap_or(0),
+        completed_at: completed_at.context("the take never completed")?,
+        first_audible_s: first_audible_s.unwrap_or(f64::NAN),
+        bar,
+        output: out,
+        take,
+    })
+}
+
+/// Streaming, live: with an 8-bar continuation at 120 BPM in next-bar mode, the take starts
+/// (from its first frame) on a bar line after the press and no later than the first bar line
+/// after it was complete, and from there plays sample for sample as the finished take, which
+/// rules out any gap, fade or silence in the middle. Blocks are handed over in real time, as a
+/// live host does, so the take grows while it plays.
+#[test]
+fn a_streamed_take_starts_on_a_bar_line_and_plays_through_without_a_gap() -> Result<()> {
+    use_tiny_model();
+    let lib = PluginLibrary::segue()?;
+    let rate = 48_000.0;
+    let run = streamed_run(&lib, rate, NEXT_BAR)?;
+    let (bar, start) = (run.bar, run.start);
+    assert_eq!(run.take.len(), 8 * bar, "8 bars at 120 BPM");
+    assert!(start > run.press, "nothing played");
+    assert_eq!(
+        start % bar,
+        0,
+        "the take starts at sample {start}, not on a bar line"
+    );
+    // The judgment never waits for more than the whole take: complete, it plays from the next
+    // bar line (one more bar for the controller's poll and the state check).
+    assert!(
+        start <= run.completed_at.next_multiple_of(bar) + bar,
+        "started at {start}, complete by {}",
+        run.completed_at
+    );
+    assert_take_at(
+        "streamed take",
+        &run.output,
+        start,
+        &run.take,
+        fade_frames(rate),
+    );
+    Ok(())
+}
+
+/// Streaming, live, in timeline mode: the take is anchored at bar 5, where the prompt ended,
+/// which is past when its audio arrives; it joins on the first bar line from which it can play
+/// through (faded in there) and from then on plays exactly what the finished take holds at that
+/// place on the timeline, to its end, without a gap.
+#[test]
+fn a_streamed_take_joins_the_timeline_on_a_bar_line_and_plays_through() -> Result<()> {
+    use_tiny_model();
+    let lib = PluginLibrary::segue()?;
+    let rate = 48_000.0;
+    let run = streamed_run(&lib, rate, TIMELINE)?;
+    let (bar, start) = (run.bar, run.start);
+    let anchor = 4 * bar;
+    assert!(start > run.press, "nothing played");
+    assert_eq!(start % bar, 0, "joins at sample {start}, not on a bar line");
+    assert!(
+        start <= run.completed_at.next_multiple_of(bar) + bar,
+        "joined at {start}, complete by {}",
+        run.completed_at
+    );
+    let fade = fade_frames(rate);
+    assert!(run.output[0][start..start + fade].iter().any(|x| *x != 0.0));
+    for (c, channel) in run.output.iter().enumerate() {
+        let end = anchor + run.take.len();
+        for (i, &got) in channel.iter().enumerate().take(end).skip(start + fade) {
+            let j = i - anchor;
+            assert_eq!(
+                got,
+                with_tail(&run.take, j, fade),
+                "channel {c}, take frame {j} (output sample {i})"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Benchmark (not a timed test): time from the press to the first audible sample of an 8-bar
+/// continuation at 120 BPM played live in next-bar mode, and whether playback waited (started
+/// after the first bar line following the press) or ever stopped in the middle. The model is
+/// `$SEGUE_BENCH_MODEL` (a Hub id or folder; default: the tiny fixture checkpoint).
+/// `cargo test -p segue-host-tests --test generation bench_streamed -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn bench_streamed_take_time_to_first_audible_sample() -> Result<()> {
+    match std::env::var("SEGUE_BENCH_MODEL") {
+        Ok(model) if !model.trim().is_empty() => std::env::set_var(segue::params::MODEL_ENV, model),
+        _ => use_tiny_model(),
+    }
+    let lib = PluginLibrary::segue()?;
+    let rate = 48_000.0;
+    let run = streamed_run(&lib, rate, NEXT_BAR)?;
+    let bar = run.bar;
+    let next_bar = run.press.next_multiple_of(bar);
+    let played = &run.output[0][run.start..run.start + run.take.len()];
+    let fade = fade_frames(rate);
+    let gaps = (0..run.take.len())
+        .filter(|&j| played[j] != with_tail(&run.take, j, fade))
+        .count();
+    println!(
+        "model {}: press at bar {:.2}; first audible sample at bar {:.2} ({:.2} s after the \
+         press, wall clock); playback waited {} bar(s) beyond the next bar line; take complete \
+         at bar {:.2}; samples differing from the finished take (gaps, fades): {gaps}",
+        std::env::var(segue::params::MODEL_ENV).unwrap_or_default(),
+        run.press as f64 / bar as f64 + 1.0,
+        run.start as f64 / bar as f64 + 1.0,
+        run.first_audible_s,
+        (run.start - next_bar) / bar,
+        run.completed_at as f64 / bar as f64 + 1.0,
+    );
+    Ok(())
+}
+/// `frames` frames of silence in real time from `transport`.
+fn play_paced(
+    plugin: &mut PluginInstance,
+    frames: f64,
+    transport: Transport,
+    split: &BlockSplit,
+) -> Result<StereoBuffer> {
+    let zeros = vec![0.0f32; frames as usize];
+    let request = RenderRequest::new([&zeros, &zeros], SILENT, split.clone())
+        .with_transport(transport)
+        .in_real_time();
+    render(plugin, &request)
+}
