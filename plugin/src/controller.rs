@@ -31,8 +31,10 @@ use segue_engine::service::{
 };
 
 use crate::capture::{CaptureReader, PromptAnchor, PromptRequest};
+use crate::export::{export_takes, ExportRequest};
 use crate::params::SegueParams;
 use crate::playback::PlayerStatus;
+use crate::status::{Phase, Status};
 use crate::takes::{
     decode_state, encode_state, quantise_to_state, GenerationInfo, SourceAudio, Take, TakeAnchor,
     TakeEntry, TakeId, TakeStore, TakesState,
@@ -63,6 +65,10 @@ pub enum Command {
     Delete(TakeId),
     /// Continue a take from its end: its tail is the prompt, the result one longer take.
     Extend(TakeId),
+    /// Write takes as WAV files; the outcome lands in [`Status::export`].
+    Export(ExportRequest),
+    /// Play a take from its start now, whatever the transport does (`None`: stop auditioning).
+    Audition(Option<TakeId>),
 }
 
 /// What one plugin instance's audio thread, controller thread and editor share.
@@ -81,8 +87,8 @@ pub struct Shared {
     busy: AtomicBool,
     /// [`crate::params::TakesField::loaded`] as of the last time the store was rebuilt from it.
     takes_loaded: AtomicU64,
-    /// A one-line account of the last generation (for the editor and the log).
-    pub status: Mutex<String>,
+    /// What the controller is doing, for the editor ([`Status::line`] for the log).
+    pub status: Mutex<Status>,
     /// The sending end of the command queue (cloned by whoever sends).
     commands_tx: Sender<Command>,
     /// The receiving end, read by the controller thread of the current activation.
@@ -99,7 +105,7 @@ impl Default for Shared {
             generate_at: AtomicU64::new(NO_REQUEST),
             busy: AtomicBool::new(false),
             takes_loaded: AtomicU64::new(0),
-            status: Mutex::new(String::new()),
+            status: Mutex::new(Status::default()),
             commands_tx,
             commands_rx,
         }
@@ -128,8 +134,19 @@ impl Shared {
         let _ = self.commands_tx.send(command);
     }
 
+    /// Records a notice in plain words (something that went wrong outside a generation).
     fn set_status(&self, text: String) {
-        *self.status.lock() = text;
+        self.status.lock().set_notice(Some(text));
+    }
+
+    /// Moves the generation to `phase`.
+    fn set_phase(&self, phase: Phase) {
+        self.status.lock().set_phase(phase);
+    }
+
+    /// The status in one line (for the log).
+    pub fn status_line(&self) -> String {
+        self.status.lock().line()
     }
 }
 
@@ -301,8 +318,12 @@ impl Worker {
 
     fn fail(&mut self, message: String) {
         nice_warn!("generation failed: {message}");
-        self.shared
-            .set_status(format!("Generation failed: {message}"));
+        self.end(Phase::Failed(message));
+    }
+
+    /// Ends the current generation in `phase`.
+    fn end(&mut self, phase: Phase) {
+        self.shared.set_phase(phase);
         self.job = None;
         if self.shared.generate_at.load(Ordering::Acquire) == NO_REQUEST {
             self.shared.busy.store(false, Ordering::Release);
@@ -340,6 +361,32 @@ impl Worker {
                 Ok(())
             }
             Command::Extend(id) => self.extend(id),
+            Command::Export(request) => {
+                // Copies of the audio, so the store's lock is not held while files are written.
+                let takes: Vec<_> = {
+                    let store = self.shared.store.lock();
+                    request
+                        .takes
+                        .iter()
+                        .filter_map(|id| store.get(*id))
+                        .map(|e| (e.name.clone(), e.source.clone(), e.take.clone()))
+                        .collect()
+                };
+                let outcome = export_takes(&request, &takes).map_err(|e| e.to_string());
+                if let Err(e) = &outcome {
+                    nice_warn!("export failed: {e}");
+                }
+                let mut status = self.shared.status.lock();
+                status.export = Some(outcome);
+                status.revision += 1;
+                Ok(())
+            }
+            Command::Audition(id) => self
+                .shared
+                .store
+                .lock()
+                .audition(id)
+                .map_err(|e| format!("cannot audition the take: {e}")),
         }
     }
 
@@ -429,7 +476,7 @@ impl Worker {
         }
         let (_, client) = self.engine.as_ref().ok_or("no engine")?;
         let id = client.generate(request, Policy::Replace);
-        self.shared.set_status("Generating…".to_owned());
+        self.shared.set_phase(Phase::Starting);
         self.job = Some(Job {
             id,
             anchor: prompt.anchor,
@@ -455,10 +502,30 @@ impl Worker {
                 }
             }
             EventKind::Failed(reason) => self.fail(reason),
-            EventKind::Cancelled => self.fail("cancelled".to_owned()),
-            EventKind::Progress { step, total, .. } => {
-                self.shared
-                    .set_status(format!("Generating… {step}/{total}"));
+            EventKind::Cancelled => self.end(Phase::Cancelled),
+            EventKind::Progress {
+                step,
+                total,
+                steps_per_s,
+            } => self.shared.set_phase(Phase::Generating {
+                step,
+                total,
+                steps_per_s,
+            }),
+            EventKind::Load(stage) => self.shared.set_phase(Phase::from_load(stage)),
+            EventKind::ModelReady(info) => {
+                let mut status = self.shared.status.lock();
+                status.model = Some(info.spec.source.clone());
+                status.device = Some(info.device.clone());
+                if status.device_note.is_some() && !info.device.starts_with("cpu") {
+                    status.device_note = None;
+                }
+                status.revision += 1;
+            }
+            EventKind::DeviceFallback { reason, .. } => {
+                let mut status = self.shared.status.lock();
+                status.device_note = Some(format!("running on the CPU: {reason}"));
+                status.revision += 1;
             }
             _ => {}
         }
@@ -489,6 +556,7 @@ impl Worker {
             info.seed = Some(take.meta.seed);
             built.push((i, id, source, audio, info));
         }
+        let count = built.len();
         let mut store = self.shared.store.lock();
         let mut first = None;
         for (i, id, source, take, info) in built {
@@ -512,7 +580,7 @@ impl Worker {
         }
         save_store(&store, &self.params);
         drop(store);
-        self.shared.set_status("Take ready".to_owned());
+        self.shared.set_phase(Phase::Ready { takes: count });
         Ok(())
     }
 }

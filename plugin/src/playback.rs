@@ -111,6 +111,9 @@ pub enum PlayerCommand {
     },
     /// Fades out whatever plays and forgets pending launches and notes.
     Stop,
+    /// Plays this take from its first frame now, on its own voice, whatever the mode and the
+    /// transport do (the editor's audition); `None` fades the audition out.
+    Audition(Option<Arc<Take>>),
 }
 
 /// What the player reports, for the editor (playhead) and the generation thread (underruns).
@@ -121,6 +124,8 @@ pub struct PlayerStatus {
     underruns: AtomicU64,
     waiting: AtomicBool,
     rate_mismatch: AtomicBool,
+    audition_take: AtomicU64,
+    audition_frame: AtomicU64,
 }
 
 impl PlayerStatus {
@@ -151,6 +156,14 @@ impl PlayerStatus {
     /// must be rebuilt for the host rate.
     pub fn rate_mismatch(&self) -> bool {
         self.rate_mismatch.load(Ordering::Relaxed)
+    }
+
+    /// The take being auditioned and its next frame, if any.
+    pub fn auditioning(&self) -> Option<(TakeId, u64)> {
+        match self.audition_take.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some((TakeId(id), self.audition_frame.load(Ordering::Relaxed))),
+        }
     }
 }
 
@@ -195,6 +208,7 @@ pub fn player_pair(sample_rate: f64) -> (Player, PlayerHandle) {
         pending_note: None,
         main: Voice::default(),
         tails: Default::default(),
+        audition: Default::default(),
         events: [TimedEvent::default(); MAX_EVENTS],
         n_events: 0,
         last_end_beats: None,
@@ -464,6 +478,8 @@ pub struct Player {
     pending_note: Option<(u8, f32)>,
     main: Voice,
     tails: [Voice; TAILS],
+    /// The editor's audition, independent of the modes, and the one it replaced (fading out).
+    audition: [Voice; 2],
     events: [TimedEvent; MAX_EVENTS],
     n_events: usize,
     /// Where the previous block ended, in beats, when it played with a musical position.
@@ -508,7 +524,7 @@ impl Player {
     /// Forgets every voice, pending launch and note (host `reset()`).
     pub fn reset(&mut self) {
         self.main = Voice::default();
-        for t in &mut self.tails {
+        for t in self.tails.iter_mut().chain(&mut self.audition) {
             *t = Voice::default();
         }
         self.launch_pending = false;
@@ -548,6 +564,9 @@ impl Player {
                 PlaybackMode::NextBar => self.next_bar(out, n, transport.playing, grid, settings),
                 PlaybackMode::Midi => self.midi(out, n, grid, settings),
             }
+            for voice in &mut self.audition {
+                voice.render(out, 0, n, self.fade);
+            }
         }
         self.last_end_beats = grid.map(|g| block_end_beats(g.pos_beats, n, g.samples_per_beat));
         self.n_events = 0;
@@ -560,6 +579,11 @@ impl Player {
         s.take.store(id, Ordering::Relaxed);
         s.frame.store(self.main.pos as u64, Ordering::Relaxed);
         s.waiting.store(self.main.starved, Ordering::Relaxed);
+        let audition = &self.audition[0];
+        let id = audition.take.as_ref().map_or(0, |t| t.id().0);
+        s.audition_take.store(id, Ordering::Relaxed);
+        s.audition_frame
+            .store(audition.pos as u64, Ordering::Relaxed);
     }
 
     fn drain_commands(&mut self, mode: PlaybackMode) {
@@ -602,6 +626,16 @@ impl Player {
                     self.cut_main();
                     self.launch_pending = false;
                     self.pending_note = None;
+                }
+                PlayerCommand::Audition(take) => {
+                    // The fading voice it replaces is dropped here: not the last reference.
+                    let mut old = mem::take(&mut self.audition[0]);
+                    old.release(self.fade);
+                    self.audition[1] = old;
+                    let rate = self.sample_rate;
+                    if let Some(take) = take.filter(|t| t.sample_rate() == rate) {
+                        self.audition[0] = Voice::start(take, 0, None, 1.0);
+                    }
                 }
             }
         }

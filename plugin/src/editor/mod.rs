@@ -3,10 +3,44 @@
 //! [`SegueEditor`] is what the host wrapper owns; every time the host opens the window it builds a
 //! fresh egui editor at the persisted size ([`SegueParams::editor_size`]) and records every resize
 //! there, so the size survives closing the window and reloading the project. The UI itself is
-//! [`SegueApp`]; it reads the shared parameters and changes them only through the host's
-//! [`ParamSetter`], never by touching audio-thread state.
+//! [`SegueApp`].
+//!
+//! Data flow (nothing here ever makes the audio thread wait):
+//! - Automatable parameters (prompt and continuation bars) change through the host's
+//!   [`ParamSetter`]; persisted fields (prompt text, model, sampling settings) are written
+//!   directly (they are read when a generation starts).
+//! - Everything else goes to the controller thread as a [`Command`] (select, audition, rename,
+//!   delete, extend, export, cancel). What it reports comes back in [`Shared::status`].
+//! - Generate calls [`Shared::request`] with the capture's current frame: the prompt is cut as the
+//!   history stood at the click, exactly as for a `generate` parameter press at that sample. (A
+//!   press of the `generate` parameter through the [`ParamSetter`] would also work, but it
+//!   depends on the host relaying editor changes to `process()` promptly, needs a second
+//!   "release" change later, and records automation in hosts that write automation.)
+//! - Waveforms are summarised here, on the GUI thread, only while the window is open, and cached
+//!   per take ([`waveform::SummaryCache`]); the prompt region is copied out of the capture history
+//!   at most [`PROMPT_REFRESH`] apart, and only while new audio arrives.
+//! - Repaints: egui redraws on input and nice-plug-egui on parameter changes. The app asks for
+//!   [`ANIMATION`]-spaced frames only while something moves (a generation runs, the transport
+//!   plays, a take sounds) and otherwise one frame per [`IDLE_POLL`], to notice the transport
+//!   starting or the host starting a generation.
+//!
+//! Drag and drop of takes onto a DAW track is not offered: baseview (the windowing layer under
+//! nice-plug-egui) can receive drops but cannot start a drag out of the window on any platform.
 
+pub mod layout;
+pub mod settings;
+pub mod take_list;
+pub mod timeline;
+pub mod waveform;
+
+use crate::capture::{Prompt, PromptRequest};
+use crate::controller::{Command, Shared};
+use crate::export::{default_export_folder, ExportRate};
 use crate::params::{EditorSize, SegueParams};
+use crate::status::{format_duration, time_left, Loading, Phase, Status};
+use crate::takes::{GenerationInfo, Take, TakeAnchor, TakeId};
+use egui::{Align2, Color32, FontId, Pos2, Rect, Stroke, StrokeKind, UiBuilder};
+use layout::{Area, Layout};
 use nice_plug::context::gui::GuiContext;
 use nice_plug::editor::dpi::NativeSize;
 use nice_plug::editor::dpi::{LogicalSize, Size};
@@ -18,27 +52,59 @@ use nice_plug_egui::{
     NiceEguiApp, RepaintNotifier,
 };
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::error::Error;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+use take_list::ExportScope;
+use timeline::{grid_lines, px_per_s, transport_playhead_s, Ruler};
+use waveform::{summarise_planar, Column, SummaryCache};
 
 /// Smallest window the layout still fits in, in logical pixels.
 pub const MIN_EDITOR_SIZE: EditorSize = EditorSize {
-    width: 420,
-    height: 260,
+    width: 760,
+    height: 500,
 };
+
+/// Frame spacing while something moves (about 30 frames per second).
+pub const ANIMATION: Duration = Duration::from_millis(33);
+/// Frame spacing while nothing moves.
+pub const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Shortest time between two copies of the prompt region out of the capture history.
+pub const PROMPT_REFRESH: Duration = Duration::from_millis(300);
+
+/// What the window remembers between openings (not saved in the project).
+#[derive(Debug, Clone)]
+struct Memory {
+    export_folder: String,
+    export_rate: ExportRate,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            export_folder: default_export_folder().display().to_string(),
+            export_rate: ExportRate::Host,
+        }
+    }
+}
 
 /// The editor handed to the host wrapper (see [`Plugin::editor`]).
 pub struct SegueEditor {
     params: Arc<SegueParams>,
+    shared: Arc<Shared>,
+    memory: Arc<Mutex<Memory>>,
     /// The egui editor of the window currently (or last) open; `None` before the first spawn.
     current: Mutex<Option<EguiEditor<SegueApp>>>,
 }
 
 impl SegueEditor {
     /// Creates the editor; cheap, nothing is opened until the host asks.
-    pub fn new(params: Arc<SegueParams>) -> Self {
+    pub fn new(params: Arc<SegueParams>, shared: Arc<Shared>) -> Self {
         Self {
             params,
+            shared,
+            memory: Arc::new(Mutex::new(Memory::default())),
             current: Mutex::new(None),
         }
     }
@@ -84,7 +150,11 @@ impl Editor for SegueEditor {
             state,
             RepaintNotifier::new(),
             settings,
-            SegueApp::new(self.params.clone()),
+            SegueApp::new(
+                self.params.clone(),
+                self.shared.clone(),
+                self.memory.clone(),
+            ),
         )
         .ok_or("nice-plug-egui could not create the editor")?;
         let spawned = editor.spawn(
@@ -110,18 +180,183 @@ impl Editor for SegueEditor {
     }
 }
 
+/// One take as a row and a lane show it (copied out of the store each frame).
+struct TakeView {
+    id: TakeId,
+    name: String,
+    info: GenerationInfo,
+    anchor: Option<TakeAnchor>,
+    take: Arc<Take>,
+}
+
+/// The prompt region as last copied out of the capture history.
+struct PromptView {
+    columns: Vec<Column>,
+    width: usize,
+    ruler: Ruler,
+    /// Seconds of prompt audio.
+    prompt_s: f64,
+    /// Seconds the lane shows (the prompt plus the bar now being played).
+    lane_s: f64,
+    bars: Option<f64>,
+}
+
 /// The egui application drawn in the window. Lives on the GUI thread.
 pub struct SegueApp {
     params: Arc<SegueParams>,
+    shared: Arc<Shared>,
+    memory: Arc<Mutex<Memory>>,
     /// The host's GUI context, set when the window is built; needed to change parameters.
     gui: Option<GuiContext>,
+    /// The prompt text being edited (written to the parameters on every change).
+    prompt_text: String,
+    /// The model field being edited (written when it loses focus or on Enter).
+    model_text: String,
+    /// Take names being edited.
+    names: HashMap<TakeId, String>,
+    summaries: SummaryCache,
+    prompt: Option<PromptView>,
+    /// Why there is no prompt to show.
+    prompt_missing: String,
+    /// When the prompt region was last copied, and the capture position then.
+    prompt_checked: Option<(Instant, u64, i32)>,
 }
 
 impl SegueApp {
-    /// An app showing (and editing) `params`.
-    pub fn new(params: Arc<SegueParams>) -> Self {
-        Self { params, gui: None }
+    /// An app showing (and editing) `params` and the instance's `shared` state.
+    fn new(params: Arc<SegueParams>, shared: Arc<Shared>, memory: Arc<Mutex<Memory>>) -> Self {
+        let prompt_text = params.prompt_text.read().clone();
+        let model_text = params.model.read().clone();
+        Self {
+            params,
+            shared,
+            memory,
+            gui: None,
+            prompt_text,
+            model_text,
+            names: HashMap::new(),
+            summaries: SummaryCache::default(),
+            prompt: None,
+            prompt_missing: String::new(),
+            prompt_checked: None,
+        }
     }
+
+    fn send(&self, command: Command) {
+        self.shared.send(command);
+    }
+
+    /// Asks for a generation at the capture's current frame (see the module comment).
+    fn generate(&self) {
+        let frame = self
+            .shared
+            .capture
+            .lock()
+            .as_ref()
+            .map(|r| r.frames_written());
+        match frame {
+            Some(frame) => self.shared.request(frame),
+            None => self.shared.status.lock().set_notice(Some(
+                "the plugin is not running: start playback in the host (or enable the track)"
+                    .to_owned(),
+            )),
+        }
+    }
+
+    fn takes(&self) -> (Vec<TakeView>, Option<TakeId>) {
+        let store = self.shared.store.lock();
+        let views = store
+            .entries()
+            .iter()
+            .map(|e| TakeView {
+                id: e.id,
+                name: e.name.clone(),
+                info: e.info.clone(),
+                anchor: e.anchor,
+                take: e.take.clone(),
+            })
+            .collect();
+        (views, store.selected())
+    }
+
+    /// Copies the prompt region out of the history again when new audio arrived (at most every
+    /// [`PROMPT_REFRESH`]) or the prompt length or lane width changed.
+    fn refresh_prompt(&mut self, width: usize) {
+        let bars = self.params.prompt_bars.value();
+        let reader = self.shared.capture.lock().clone();
+        let Some(reader) = reader else {
+            self.prompt = None;
+            self.prompt_missing = "Not running: the host has not started the plugin.".to_owned();
+            return;
+        };
+        let frames = reader.frames_written();
+        let width_changed = self.prompt.as_ref().is_some_and(|p| p.width != width);
+        let due = match self.prompt_checked {
+            None => true,
+            Some((at, f, b)) => {
+                b != bars || width_changed || (f != frames && at.elapsed() >= PROMPT_REFRESH)
+            }
+        };
+        if !due {
+            return;
+        }
+        self.prompt_checked = Some((Instant::now(), frames, bars));
+        match reader.prompt(&PromptRequest::now(f64::from(bars), f64::from(bars))) {
+            Ok(prompt) => self.prompt = Some(prompt_view(&prompt, width)),
+            Err(e) => {
+                self.prompt = None;
+                self.prompt_missing = format!(
+                    "Play something: the last {bars} bar{} before a bar line become the prompt ({e}).",
+                    if bars == 1 { "" } else { "s" }
+                );
+            }
+        }
+    }
+}
+
+fn prompt_view(prompt: &Prompt, width: usize) -> PromptView {
+    let prompt_s = timeline::frames_to_s(prompt.frames() as u64, prompt.sample_rate);
+    let (ruler, lane_s) = match (&prompt.anchor, prompt.bars) {
+        (Some(a), Some(bars)) => {
+            let ruler = Ruler::Bars {
+                tempo_bpm: a.tempo_bpm,
+                time_sig: a.time_sig,
+                first_bar: a.bar_index - bars.round() as i64,
+            };
+            let bar_s = ruler.seconds_per_bar().unwrap_or(0.0);
+            (ruler, prompt_s + bar_s)
+        }
+        _ => (Ruler::Seconds, prompt_s),
+    };
+    let cols = if lane_s > 0.0 {
+        ((width as f64) * prompt_s / lane_s).round() as usize
+    } else {
+        0
+    };
+    PromptView {
+        columns: summarise_planar(&prompt.audio, cols),
+        width,
+        ruler,
+        prompt_s,
+        lane_s,
+        bars: prompt.bars,
+    }
+}
+
+/// Colours of the window (on egui's dark theme).
+mod palette {
+    use egui::Color32;
+    pub const LANE_BG: Color32 = Color32::from_rgb(24, 26, 30);
+    pub const BAR_LINE: Color32 = Color32::from_rgb(70, 74, 82);
+    pub const BEAT_LINE: Color32 = Color32::from_rgb(40, 43, 49);
+    pub const PROMPT_WAVE: Color32 = Color32::from_rgb(120, 170, 230);
+    pub const TAKE_WAVE: Color32 = Color32::from_rgb(120, 210, 160);
+    pub const SELECTED_WAVE: Color32 = Color32::from_rgb(250, 200, 90);
+    pub const PLAYHEAD: Color32 = Color32::from_rgb(255, 90, 80);
+    pub const NOW_BAR: Color32 = Color32::from_rgb(34, 37, 43);
+    pub const ERROR: Color32 = Color32::from_rgb(255, 120, 110);
+    pub const GOOD: Color32 = Color32::from_rgb(140, 210, 150);
+    pub const LABEL: Color32 = Color32::from_rgb(200, 204, 210);
 }
 
 impl NiceEguiApp for SegueApp {
@@ -136,35 +371,54 @@ impl NiceEguiApp for SegueApp {
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut Frame) {
-        let Some(gui) = self.gui.as_ref() else {
+        let Some(gui) = self.gui.clone() else {
             return;
         };
         let setter = gui.param_setter();
-        egui::CentralPanel::default().show(ui, |ui| {
-            ui.horizontal(|ui| {
-                ui.heading("Segue");
-                ui.label(format!("v{}", env!("CARGO_PKG_VERSION")));
-            });
-            ui.label("Continues what you play with MusicGen, in time with the host.");
-            ui.separator();
-            egui::Grid::new("segue-params")
-                .num_columns(2)
-                .spacing([16.0, 8.0])
-                .show(ui, |ui| {
-                    ui.label(self.params.gain.name());
-                    ui.add(ParamSlider::for_param(&self.params.gain, &setter).with_width(220.0));
-                    ui.end_row();
+        let status = self.shared.status.lock().clone();
+        let (takes, selected) = self.takes();
+        let player = self.shared.player_status.lock().clone();
+        let playing = player.as_ref().and_then(|p| p.playing_take());
+        let auditioning = player.as_ref().and_then(|p| p.auditioning());
+        let transport = self
+            .shared
+            .capture
+            .lock()
+            .as_ref()
+            .and_then(|r| r.transport_now());
+        let moving = status.phase.is_running()
+            || transport.is_some_and(|t| t.playing)
+            || playing.is_some()
+            || auditioning.is_some();
+        ui.ctx()
+            .request_repaint_after(if moving { ANIMATION } else { IDLE_POLL });
 
-                    ui.label(self.params.monitor.name());
-                    let mut monitor = self.params.monitor.value();
-                    if ui.checkbox(&mut monitor, "pass input through").changed() {
-                        setter.begin_set_parameter(&self.params.monitor);
-                        setter.set_parameter(&self.params.monitor, monitor);
-                        setter.end_set_parameter(&self.params.monitor);
-                    }
-                    ui.end_row();
-                });
+        let screen = ui.max_rect();
+        let layout = Layout::for_size(screen.width(), screen.height());
+        egui::CentralPanel::default().show(ui, |ui| {
+            in_area(ui, layout.header, |ui| self.header(ui, &status));
+            in_area(ui, layout.settings, |ui| {
+                group(ui, |ui| {
+                    egui::ScrollArea::vertical()
+                        .id_salt("settings-scroll")
+                        .show(ui, |ui| self.settings(ui, &setter, &status, &takes));
+                })
+            });
+            in_area(ui, layout.timeline, |ui| {
+                self.timeline(ui, &takes, selected, player.as_deref(), transport)
+            });
+            in_area(ui, layout.takes, |ui| {
+                group(ui, |ui| {
+                    self.take_list(ui, &takes, selected, auditioning.map(|a| a.0))
+                })
+            });
+            in_area(ui, layout.export, |ui| {
+                group(ui, |ui| self.export_bar(ui, &takes, selected, &status))
+            });
         });
+        let alive: Vec<TakeId> = takes.iter().map(|t| t.id).collect();
+        self.summaries.retain(&alive);
+        self.names.retain(|id, _| alive.contains(id));
     }
 
     fn resized(&mut self, new_size: nice_plug_egui::baseview::WindowSize) {
@@ -176,5 +430,757 @@ impl NiceEguiApp for SegueApp {
 
     fn editor_closed(&mut self) {
         self.gui = None;
+        // Nothing is computed for a closed window; summaries are rebuilt on the next opening.
+        self.summaries = SummaryCache::default();
+        self.prompt = None;
+        self.prompt_checked = None;
     }
+}
+
+/// Runs `add` in a child UI confined to `area`.
+fn in_area<R>(ui: &mut egui::Ui, area: Area, add: impl FnOnce(&mut egui::Ui) -> R) -> R {
+    ui.scope_builder(UiBuilder::new().max_rect(area.rect()), |ui| {
+        ui.set_clip_rect(area.rect());
+        add(ui)
+    })
+    .inner
+}
+
+/// A framed group filling the available space.
+fn group<R>(ui: &mut egui::Ui, add: impl FnOnce(&mut egui::Ui) -> R) -> R {
+    let full = ui.available_rect_before_wrap();
+    egui::Frame::group(ui.style())
+        .show(ui, |ui| {
+            let margin = 2.0 * 7.0;
+            ui.set_min_size(egui::vec2(
+                (full.width() - margin).max(0.0),
+                (full.height() - margin).max(0.0),
+            ));
+            ui.set_max_size(ui.min_size());
+            add(ui)
+        })
+        .inner
+}
+
+impl SegueApp {
+    fn header(&self, ui: &mut egui::Ui, status: &Status) {
+        ui.horizontal_centered(|ui| {
+            ui.heading("Segue");
+            ui.label(
+                egui::RichText::new(format!("v{}", env!("CARGO_PKG_VERSION")))
+                    .small()
+                    .weak(),
+            );
+            ui.separator();
+            let model = status
+                .model
+                .clone()
+                .unwrap_or_else(|| self.params.model.read().clone());
+            ui.label(settings::model_label(&model));
+            match (&status.device, &status.device_note) {
+                (Some(device), None) => {
+                    ui.label(egui::RichText::new(format!("on {device}")).weak());
+                }
+                (Some(device), Some(note)) => {
+                    ui.label(egui::RichText::new(format!("on {device}")).weak())
+                        .on_hover_text(note);
+                }
+                (None, _) => {
+                    ui.label(egui::RichText::new("not loaded yet").weak());
+                }
+            }
+            ui.separator();
+            let colour = match status.phase {
+                Phase::Failed(_) => palette::ERROR,
+                Phase::Ready { .. } => palette::GOOD,
+                _ => palette::LABEL,
+            };
+            let line = match &status.phase {
+                // The full reason is in the settings column.
+                Phase::Failed(_) => "Generation failed".to_owned(),
+                _ => status.line(),
+            };
+            ui.label(egui::RichText::new(line).color(colour));
+        });
+    }
+
+    fn settings(
+        &mut self,
+        ui: &mut egui::Ui,
+        setter: &ParamSetter,
+        status: &Status,
+        takes: &[TakeView],
+    ) {
+        ui.spacing_mut().item_spacing.y = 6.0;
+        ui.horizontal(|ui| {
+            ui.strong("Prompt");
+            ui.menu_button("Examples ▾", |ui| {
+                for example in settings::EXAMPLE_PROMPTS {
+                    if ui.button(example).clicked() {
+                        self.prompt_text = example.to_owned();
+                        *self.params.prompt_text.write() = self.prompt_text.clone();
+                        ui.close();
+                    }
+                }
+            });
+        });
+        let edit = ui.add(
+            egui::TextEdit::multiline(&mut self.prompt_text)
+                .desired_rows(3)
+                .desired_width(f32::INFINITY)
+                .hint_text("Describe the music to continue into…"),
+        );
+        if edit.changed() {
+            *self.params.prompt_text.write() = self.prompt_text.clone();
+        } else if !edit.has_focus() {
+            // A state the host loaded shows up.
+            let saved = self.params.prompt_text.read();
+            if *saved != self.prompt_text {
+                self.prompt_text = saved.clone();
+            }
+        }
+
+        ui.add_space(4.0);
+        ui.strong("Model");
+        self.model_picker(ui, status);
+
+        ui.add_space(4.0);
+        ui.strong("Generation");
+        let old = self.params.sampling.read().clone();
+        let mut s = old.clone();
+        let last_seed = takes.last().and_then(|t| t.info.seed);
+        egui::Grid::new("sampling")
+            .num_columns(2)
+            .spacing([10.0, 6.0])
+            .show(ui, |ui| {
+                ui.label("Prompt bars");
+                ui.add(ParamSlider::for_param(&self.params.prompt_bars, setter).with_width(150.0));
+                ui.end_row();
+                ui.label("Continuation bars");
+                ui.add(
+                    ParamSlider::for_param(&self.params.continuation_bars, setter)
+                        .with_width(150.0),
+                );
+                ui.end_row();
+                ui.label("Takes");
+                ui.add(egui::Slider::new(&mut s.takes, settings::TAKES));
+                ui.end_row();
+                ui.label("Temperature");
+                ui.add_enabled(
+                    !s.greedy,
+                    egui::Slider::new(&mut s.temperature, settings::TEMPERATURE)
+                        .fixed_decimals(2),
+                );
+                ui.end_row();
+                ui.label("Top-k");
+                ui.add_enabled(
+                    !s.greedy,
+                    egui::Slider::new(&mut s.top_k, settings::TOP_K).logarithmic(true),
+                );
+                ui.end_row();
+                ui.label("Top-p");
+                ui.add_enabled(
+                    !s.greedy,
+                    egui::Slider::new(&mut s.top_p, settings::TOP_P).fixed_decimals(2),
+                )
+                .on_hover_text("1.00 = off");
+                ui.end_row();
+                ui.label("Guidance");
+                ui.add(egui::Slider::new(&mut s.guidance_scale, settings::GUIDANCE).fixed_decimals(1))
+                    .on_hover_text("How closely the text prompt is followed (1 = ignore it)");
+                ui.end_row();
+                ui.label("Greedy");
+                ui.checkbox(&mut s.greedy, "most likely token (no sampling)");
+                ui.end_row();
+                ui.label("Seed");
+                ui.horizontal(|ui| {
+                    let mut shown = settings::shown_seed(&s, last_seed);
+                    let mut locked = s.seed.is_some();
+                    let drag = ui.add_enabled(
+                        locked,
+                        egui::DragValue::new(&mut shown).range(0..=999_999_999u64),
+                    );
+                    if drag.changed() {
+                        s = settings::with_seed_lock(&s, true, shown);
+                    }
+                    if ui
+                        .button("🎲")
+                        .on_hover_text("A new random seed (locked)")
+                        .clicked()
+                    {
+                        s = settings::with_random_seed(&s);
+                    }
+                    if ui
+                        .checkbox(&mut locked, "lock")
+                        .on_hover_text("Locked: every generation uses this seed. Unlocked: a fresh one each time.")
+                        .changed()
+                    {
+                        s = settings::with_seed_lock(&s, locked, shown);
+                    }
+                });
+                ui.end_row();
+            });
+        if s != old {
+            *self.params.sampling.write() = settings::clamped(&s);
+        }
+
+        ui.add_space(8.0);
+        let running = status.phase.is_running() || self.shared.busy();
+        ui.horizontal(|ui| {
+            let generate = egui::Button::new(
+                egui::RichText::new(if running {
+                    "Generate again"
+                } else {
+                    "Generate"
+                })
+                .strong()
+                .size(15.0),
+            )
+            .min_size(egui::vec2(130.0, 30.0));
+            if ui
+                .add(generate)
+                .on_hover_text("Continue the last bars you played (from the last bar line)")
+                .clicked()
+            {
+                self.generate();
+            }
+            if ui
+                .add_enabled(
+                    running,
+                    egui::Button::new("Cancel").min_size(egui::vec2(80.0, 30.0)),
+                )
+                .clicked()
+            {
+                self.send(Command::Cancel);
+            }
+        });
+        self.progress(ui, status);
+    }
+
+    fn model_picker(&mut self, ui: &mut egui::Ui, status: &Status) {
+        let current = self.params.model.read().clone();
+        let is_choice = settings::MODEL_CHOICES.iter().any(|c| c.id == current);
+        let mut chosen: Option<String> = None;
+        egui::ComboBox::from_id_salt("model")
+            .width(ui.available_width() - 8.0)
+            .selected_text(settings::model_label(&current))
+            .show_ui(ui, |ui| {
+                for choice in settings::MODEL_CHOICES {
+                    if ui
+                        .selectable_label(current == choice.id, choice.label)
+                        .on_hover_text(choice.id)
+                        .clicked()
+                    {
+                        chosen = Some(choice.id.to_owned());
+                    }
+                }
+                if ui
+                    .selectable_label(!is_choice, "Local folder or other Hub id…")
+                    .clicked()
+                    && is_choice
+                {
+                    chosen = Some(String::new());
+                }
+            });
+        if let Some(model) = chosen {
+            if !model.is_empty() {
+                *self.params.model.write() = model.clone();
+            }
+            self.model_text = model;
+        }
+        let is_choice = settings::MODEL_CHOICES
+            .iter()
+            .any(|c| c.id == *self.params.model.read());
+        if !is_choice || self.model_text.is_empty() {
+            let field = ui.add(
+                egui::TextEdit::singleline(&mut self.model_text)
+                    .desired_width(f32::INFINITY)
+                    .hint_text("/path/to/model folder or owner/name"),
+            );
+            let commit = field.lost_focus() || ui.input(|i| i.key_pressed(egui::Key::Enter));
+            if commit && !self.model_text.trim().is_empty() {
+                *self.params.model.write() = self.model_text.trim().to_owned();
+            } else if !field.has_focus() && !self.model_text.is_empty() {
+                let saved = self.params.model.read();
+                if *saved != self.model_text {
+                    self.model_text = saved.clone();
+                }
+            }
+        } else {
+            self.model_text = self.params.model.read().clone();
+        }
+        if let Phase::Loading(loading) = &status.phase {
+            let text = status.line();
+            let bar = match loading.fraction() {
+                Some(f) => egui::ProgressBar::new(f).text(text),
+                None => egui::ProgressBar::new(0.0).animate(true).text(text),
+            };
+            ui.add(bar);
+        }
+    }
+
+    fn progress(&self, ui: &mut egui::Ui, status: &Status) {
+        match &status.phase {
+            Phase::Generating {
+                step,
+                total,
+                steps_per_s,
+            } => {
+                let fraction = if *total > 0 {
+                    *step as f32 / *total as f32
+                } else {
+                    0.0
+                };
+                let mut text = format!("step {step} of {total}");
+                if *steps_per_s > 0.0 {
+                    text.push_str(&format!(" · {steps_per_s:.1} steps/s"));
+                }
+                if let Some(left) = time_left(*step, *total, *steps_per_s) {
+                    text.push_str(&format!(" · {} left", format_duration(left)));
+                }
+                ui.add(egui::ProgressBar::new(fraction).text(text));
+            }
+            Phase::Starting => {
+                ui.add(egui::ProgressBar::new(0.0).animate(true).text("starting…"));
+            }
+            Phase::Loading(Loading::Reading) => {
+                ui.add(
+                    egui::ProgressBar::new(0.0)
+                        .animate(true)
+                        .text("loading the model…"),
+                );
+            }
+            Phase::Failed(reason) => {
+                ui.label(
+                    egui::RichText::new(format!("Generation failed: {reason}"))
+                        .color(palette::ERROR),
+                );
+            }
+            Phase::Cancelled => {
+                ui.label("Cancelled.");
+            }
+            Phase::Ready { .. } => {
+                ui.label(egui::RichText::new(status.line()).color(palette::GOOD));
+            }
+            Phase::Idle | Phase::Loading(_) => {}
+        }
+        if let Some(notice) = &status.notice {
+            ui.label(egui::RichText::new(notice).color(palette::ERROR));
+        }
+    }
+
+    fn timeline(
+        &mut self,
+        ui: &mut egui::Ui,
+        takes: &[TakeView],
+        selected: Option<TakeId>,
+        player: Option<&crate::playback::PlayerStatus>,
+        transport: Option<crate::capture::TransportNow>,
+    ) {
+        let area = ui.max_rect();
+        let painter = ui.painter_at(area);
+        painter.rect_filled(area, 4.0, ui.visuals().extreme_bg_color);
+        let label_w = 0.0;
+        let inner = area.shrink(6.0);
+        let width = (inner.width() - label_w).max(1.0) as usize;
+        self.refresh_prompt(width);
+
+        // Lanes: the prompt first, then the takes (newest last), as many as fit.
+        let lane_gap = 4.0;
+        let min_lane_h = 34.0;
+        let fit = (((inner.height() + lane_gap) / (min_lane_h + lane_gap)).floor() as usize).max(1);
+        let shown_takes: Vec<&TakeView> = {
+            let mut v: Vec<&TakeView> = takes.iter().collect();
+            if v.len() + 1 > fit {
+                // Keep the selected take and the newest ones.
+                let keep = fit.saturating_sub(1);
+                let mut kept: Vec<&TakeView> = v.iter().rev().take(keep).copied().collect();
+                if let Some(sel) = selected.and_then(|s| v.iter().find(|t| t.id == s)) {
+                    if !kept.iter().any(|t| t.id == sel.id) && keep > 0 {
+                        kept.pop();
+                        kept.push(sel);
+                    }
+                }
+                kept.sort_by_key(|t| takes.iter().position(|x| x.id == t.id));
+                v = kept;
+            }
+            v
+        };
+        let lanes = 1 + shown_takes.len();
+        let lane_h = ((inner.height() - lane_gap * (lanes - 1) as f32) / lanes as f32).min(140.0);
+        let lens = std::iter::once(self.prompt.as_ref().map_or(0.0, |p| p.lane_s)).chain(
+            shown_takes
+                .iter()
+                .map(|t| timeline::frames_to_s(t.take.capacity() as u64, t.take.sample_rate())),
+        );
+        let Some(scale) = px_per_s(width as f64, lens) else {
+            painter.text(
+                inner.center(),
+                Align2::CENTER_CENTER,
+                &self.prompt_missing,
+                FontId::proportional(13.0),
+                ui.visuals().weak_text_color(),
+            );
+            return;
+        };
+
+        let mut y = inner.top();
+        // The prompt lane.
+        let lane = Rect::from_min_size(
+            Pos2::new(inner.left(), y),
+            egui::vec2(inner.width(), lane_h),
+        );
+        match &self.prompt {
+            Some(p) => {
+                let title = match p.bars {
+                    Some(b) => format!("Prompt · last {b} bars"),
+                    None => format!("Prompt · last {:.0} s", p.prompt_s),
+                };
+                draw_lane(&painter, lane, &p.ruler, p.lane_s, scale, &title, false);
+                // The bar being played now, after the prompt.
+                let now_x = lane.left() + (p.prompt_s * scale) as f32;
+                painter.rect_filled(
+                    Rect::from_min_max(
+                        Pos2::new(now_x, lane.top()),
+                        Pos2::new(lane.left() + (p.lane_s * scale) as f32, lane.bottom()),
+                    ),
+                    0.0,
+                    palette::NOW_BAR,
+                );
+                draw_wave(&painter, lane, &p.columns, palette::PROMPT_WAVE);
+                if let Some(at) = transport.and_then(|t| transport_playhead_s(&p.ruler, &t)) {
+                    draw_playhead(&painter, lane, at, p.lane_s, scale);
+                }
+            }
+            None => {
+                painter.rect_filled(lane, 3.0, palette::LANE_BG);
+                painter.text(
+                    lane.center(),
+                    Align2::CENTER_CENTER,
+                    &self.prompt_missing,
+                    FontId::proportional(12.0),
+                    ui.visuals().weak_text_color(),
+                );
+            }
+        }
+        y += lane_h + lane_gap;
+
+        for t in shown_takes {
+            let lane = Rect::from_min_size(
+                Pos2::new(inner.left(), y),
+                egui::vec2(inner.width(), lane_h),
+            );
+            y += lane_h + lane_gap;
+            let ruler = Ruler::for_take(t.anchor.as_ref());
+            let len_s = timeline::frames_to_s(t.take.capacity() as u64, t.take.sample_rate());
+            let is_selected = selected == Some(t.id);
+            draw_lane(&painter, lane, &ruler, len_s, scale, &t.name, is_selected);
+            let cols = ((len_s * scale).round() as usize).max(1);
+            let colour = if is_selected {
+                palette::SELECTED_WAVE
+            } else {
+                palette::TAKE_WAVE
+            };
+            let columns = self.summaries.take(&t.take, cols);
+            draw_wave(&painter, lane, columns, colour);
+            // The player's own position in the take (any mode), else the transport over it.
+            let rate = t.take.sample_rate();
+            let at = match player {
+                Some(p) if p.playing_take() == Some(t.id) => {
+                    Some(timeline::frames_to_s(p.frame(), rate))
+                }
+                Some(p) => match p.auditioning() {
+                    Some((id, frame)) if id == t.id => Some(timeline::frames_to_s(frame, rate)),
+                    _ => None,
+                },
+                None => None,
+            }
+            .or_else(|| {
+                transport
+                    .and_then(|now| transport_playhead_s(&ruler, &now))
+                    .filter(|s| (0.0..len_s).contains(s))
+            });
+            if let Some(at) = at {
+                draw_playhead(&painter, lane, at, len_s, scale);
+            }
+            let click = ui.interact(
+                lane,
+                egui::Id::new(("segue-lane", t.id.0)),
+                egui::Sense::click(),
+            );
+            if click.clicked() && !is_selected {
+                self.send(Command::Select(Some(t.id)));
+            }
+            click.on_hover_text("Click to play this take");
+        }
+    }
+
+    fn take_list(
+        &mut self,
+        ui: &mut egui::Ui,
+        takes: &[TakeView],
+        selected: Option<TakeId>,
+        auditioning: Option<TakeId>,
+    ) {
+        ui.horizontal(|ui| {
+            ui.strong("Takes");
+            ui.label(
+                egui::RichText::new(match takes.len() {
+                    0 => "none yet: press Generate after playing a few bars".to_owned(),
+                    1 => "1 take".to_owned(),
+                    n => format!("{n} takes"),
+                })
+                .weak(),
+            );
+        });
+        egui::ScrollArea::vertical()
+            .id_salt("takes-scroll")
+            .auto_shrink([false, false])
+            .show(ui, |ui| {
+                for t in takes.iter().rev() {
+                    self.take_row(ui, t, selected, auditioning);
+                    ui.separator();
+                }
+            });
+    }
+
+    fn take_row(
+        &mut self,
+        ui: &mut egui::Ui,
+        t: &TakeView,
+        selected: Option<TakeId>,
+        auditioning: Option<TakeId>,
+    ) {
+        let is_selected = selected == Some(t.id);
+        ui.horizontal(|ui| {
+            if ui
+                .radio(is_selected, "")
+                .on_hover_text(if is_selected {
+                    "This take plays (click to silence it)"
+                } else {
+                    "Play this take"
+                })
+                .clicked()
+            {
+                self.send(take_list::select_command(t.id, selected));
+            }
+            let name = self.names.entry(t.id).or_insert_with(|| t.name.clone());
+            let edit = ui.add(egui::TextEdit::singleline(name).desired_width(130.0));
+            if edit.lost_focus() {
+                match take_list::rename_command(t.id, &t.name, name) {
+                    Some(cmd) => self.send(cmd),
+                    None => *name = t.name.clone(),
+                }
+            } else if !edit.has_focus() && *name != t.name {
+                *name = t.name.clone();
+            }
+            let (valid, complete) = t.take.available();
+            let place = take_list::place_line(t.anchor.as_ref(), valid, t.take.sample_rate());
+            ui.label(if complete {
+                place
+            } else {
+                format!("{place} (arriving)")
+            });
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                if ui.small_button("Delete").clicked() {
+                    self.send(Command::Delete(t.id));
+                }
+                if ui
+                    .small_button("Extend")
+                    .on_hover_text("Continue this take from its end")
+                    .clicked()
+                {
+                    self.send(Command::Extend(t.id));
+                }
+                if ui.small_button("Export").clicked() {
+                    self.export(ExportScope::One(t.id), &[t.id], selected);
+                }
+                let auditioned = auditioning == Some(t.id);
+                if ui
+                    .small_button(if auditioned { "Stop" } else { "Audition" })
+                    .on_hover_text("Hear the take from its start now, whatever the transport does")
+                    .clicked()
+                {
+                    self.send(take_list::audition_command(t.id, auditioning));
+                }
+            });
+        });
+        ui.label(
+            egui::RichText::new(take_list::info_line(&t.info))
+                .small()
+                .weak(),
+        )
+        .on_hover_text(if t.info.text.is_empty() {
+            "(no text prompt)".to_owned()
+        } else {
+            format!("“{}”", t.info.text)
+        });
+    }
+
+    fn export(&self, scope: ExportScope, ids: &[TakeId], selected: Option<TakeId>) {
+        let memory = self.memory.lock().clone();
+        if let Some(request) = take_list::export_request(
+            scope,
+            ids,
+            selected,
+            &memory.export_folder,
+            memory.export_rate,
+        ) {
+            self.send(Command::Export(request));
+        }
+    }
+
+    fn export_bar(
+        &mut self,
+        ui: &mut egui::Ui,
+        takes: &[TakeView],
+        selected: Option<TakeId>,
+        status: &Status,
+    ) {
+        let host_rate = takes
+            .first()
+            .map(|t| t.take.sample_rate())
+            .or_else(|| self.shared.capture.lock().as_ref().map(|r| r.sample_rate()));
+        let ids: Vec<TakeId> = takes.iter().map(|t| t.id).collect();
+        ui.horizontal(|ui| {
+            ui.strong("Export to");
+            let mut memory = self.memory.lock();
+            ui.add(
+                egui::TextEdit::singleline(&mut memory.export_folder)
+                    .desired_width((ui.available_width() - 250.0).max(120.0)),
+            );
+            let host_label = match host_rate {
+                Some(r) => format!("{:.1} kHz", r / 1000.0),
+                None => "host rate".to_owned(),
+            };
+            ui.radio_value(&mut memory.export_rate, ExportRate::Host, host_label)
+                .on_hover_text("As the plugin plays it");
+            ui.radio_value(&mut memory.export_rate, ExportRate::Model, "32 kHz")
+                .on_hover_text("As the model made it");
+        });
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(selected.is_some(), egui::Button::new("Export selected"))
+                .clicked()
+            {
+                self.export(ExportScope::Selected, &ids, selected);
+            }
+            if ui
+                .add_enabled(!ids.is_empty(), egui::Button::new("Export all"))
+                .clicked()
+            {
+                self.export(ExportScope::All, &ids, selected);
+            }
+            match &status.export {
+                Some(Ok(report)) => {
+                    let names: Vec<String> = report
+                        .files
+                        .iter()
+                        .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+                        .collect();
+                    let folder = report.folder.display().to_string();
+                    if ui.small_button("Show folder").clicked() {
+                        ui.ctx()
+                            .open_url(egui::OpenUrl::new_tab(format!("file://{folder}")));
+                    }
+                    ui.label(
+                        egui::RichText::new(format!("Wrote {} to {folder}", names.join(", ")))
+                            .color(palette::GOOD),
+                    )
+                    .on_hover_text(folder);
+                }
+                Some(Err(e)) => {
+                    ui.label(
+                        egui::RichText::new(format!("Export failed: {e}")).color(palette::ERROR),
+                    );
+                }
+                None => {
+                    ui.label(
+                        egui::RichText::new(
+                            "32-bit float WAV; existing files are never overwritten",
+                        )
+                        .weak(),
+                    );
+                }
+            }
+        });
+    }
+}
+
+/// Background, ruler and title of a lane `len_s` seconds long at `scale` pixels per second.
+fn draw_lane(
+    painter: &egui::Painter,
+    lane: Rect,
+    ruler: &Ruler,
+    len_s: f64,
+    scale: f64,
+    title: &str,
+    highlighted: bool,
+) {
+    let end_x = lane.left() + (len_s * scale) as f32;
+    let body = Rect::from_min_max(lane.min, Pos2::new(end_x.min(lane.right()), lane.bottom()));
+    painter.rect_filled(body, 3.0, palette::LANE_BG);
+    for line in grid_lines(ruler, len_s, scale, 8.0, 28.0) {
+        let x = lane.left() + (line.at_s * scale) as f32;
+        let colour = if line.major {
+            palette::BAR_LINE
+        } else {
+            palette::BEAT_LINE
+        };
+        painter.line_segment(
+            [Pos2::new(x, lane.top()), Pos2::new(x, lane.bottom())],
+            Stroke::new(1.0, colour),
+        );
+        if let Some(label) = line.label {
+            painter.text(
+                Pos2::new(x + 3.0, lane.bottom() - 2.0),
+                Align2::LEFT_BOTTOM,
+                label,
+                FontId::monospace(10.0),
+                palette::BAR_LINE,
+            );
+        }
+    }
+    painter.text(
+        lane.left_top() + egui::vec2(5.0, 3.0),
+        Align2::LEFT_TOP,
+        title,
+        FontId::proportional(12.0),
+        palette::LABEL,
+    );
+    if highlighted {
+        painter.rect_stroke(
+            body,
+            3.0,
+            Stroke::new(1.5, palette::SELECTED_WAVE),
+            StrokeKind::Inside,
+        );
+    }
+}
+
+/// The waveform: one vertical stroke per column from its minimum to its maximum.
+fn draw_wave(painter: &egui::Painter, lane: Rect, columns: &[Column], colour: Color32) {
+    let mid = lane.center().y;
+    let half = lane.height() * 0.45;
+    let shapes = columns.iter().enumerate().map(|(i, c)| {
+        let x = lane.left() + i as f32 + 0.5;
+        let top = mid - c.max.clamp(-1.0, 1.0) * half;
+        let bottom = (mid - c.min.clamp(-1.0, 1.0) * half).max(top + 1.0);
+        egui::Shape::line_segment(
+            [Pos2::new(x, top), Pos2::new(x, bottom)],
+            Stroke::new(1.0, colour),
+        )
+    });
+    painter.extend(shapes);
+}
+
+fn draw_playhead(painter: &egui::Painter, lane: Rect, at_s: f64, len_s: f64, scale: f64) {
+    if !(0.0..=len_s).contains(&at_s) {
+        return;
+    }
+    let x = lane.left() + (at_s * scale) as f32;
+    painter.line_segment(
+        [Pos2::new(x, lane.top()), Pos2::new(x, lane.bottom())],
+        Stroke::new(2.0, palette::PLAYHEAD),
+    );
 }
