@@ -61,7 +61,7 @@ pub const GAP: f32 = 8.0;
 /// Height of the header.
 pub const HEADER_H: f32 = 36.0;
 /// Width of the settings column.
-pub const SETTINGS_W: f32 = 320.0;
+pub const SETTINGS_W: f32 = 340.0;
 /// Height of the export bar.
 pub const EXPORT_H: f32 = 84.0;
 /// Smallest and largest timeline height.

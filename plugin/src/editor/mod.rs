@@ -191,14 +191,26 @@ struct TakeView {
 
 /// The prompt region as last copied out of the capture history.
 struct PromptView {
-    columns: Vec<Column>,
-    width: usize,
+    /// Planar audio at the host rate.
+    audio: Vec<Vec<f32>>,
+    /// The last summary made, and its column count.
+    summary: (usize, Vec<Column>),
     ruler: Ruler,
     /// Seconds of prompt audio.
     prompt_s: f64,
     /// Seconds the lane shows (the prompt plus the bar now being played).
     lane_s: f64,
     bars: Option<f64>,
+}
+
+impl PromptView {
+    /// The prompt summarised into `columns` columns (cached while the count stays).
+    fn columns(&mut self, columns: usize) -> &[Column] {
+        if self.summary.0 != columns {
+            self.summary = (columns, summarise_planar(&self.audio, columns));
+        }
+        &self.summary.1
+    }
 }
 
 /// The egui application drawn in the window. Lives on the GUI thread.
@@ -212,6 +224,8 @@ pub struct SegueApp {
     prompt_text: String,
     /// The model field being edited (written when it loses focus or on Enter).
     model_text: String,
+    /// The seed field being edited (written when it loses focus).
+    seed_text: String,
     /// Take names being edited.
     names: HashMap<TakeId, String>,
     summaries: SummaryCache,
@@ -234,6 +248,7 @@ impl SegueApp {
             gui: None,
             prompt_text,
             model_text,
+            seed_text: String::new(),
             names: HashMap::new(),
             summaries: SummaryCache::default(),
             prompt: None,
@@ -281,7 +296,7 @@ impl SegueApp {
 
     /// Copies the prompt region out of the history again when new audio arrived (at most every
     /// [`PROMPT_REFRESH`]) or the prompt length or lane width changed.
-    fn refresh_prompt(&mut self, width: usize) {
+    fn refresh_prompt(&mut self) {
         let bars = self.params.prompt_bars.value();
         let reader = self.shared.capture.lock().clone();
         let Some(reader) = reader else {
@@ -290,23 +305,20 @@ impl SegueApp {
             return;
         };
         let frames = reader.frames_written();
-        let width_changed = self.prompt.as_ref().is_some_and(|p| p.width != width);
         let due = match self.prompt_checked {
             None => true,
-            Some((at, f, b)) => {
-                b != bars || width_changed || (f != frames && at.elapsed() >= PROMPT_REFRESH)
-            }
+            Some((at, f, b)) => b != bars || (f != frames && at.elapsed() >= PROMPT_REFRESH),
         };
         if !due {
             return;
         }
         self.prompt_checked = Some((Instant::now(), frames, bars));
         match reader.prompt(&PromptRequest::now(f64::from(bars), f64::from(bars))) {
-            Ok(prompt) => self.prompt = Some(prompt_view(&prompt, width)),
+            Ok(prompt) => self.prompt = Some(prompt_view(prompt)),
             Err(e) => {
                 self.prompt = None;
                 self.prompt_missing = format!(
-                    "Play something: the last {bars} bar{} before a bar line become the prompt ({e}).",
+                    "Play something: the last {bars} bar{} before a bar line become the prompt.\n({e})",
                     if bars == 1 { "" } else { "s" }
                 );
             }
@@ -314,7 +326,7 @@ impl SegueApp {
     }
 }
 
-fn prompt_view(prompt: &Prompt, width: usize) -> PromptView {
+fn prompt_view(prompt: Prompt) -> PromptView {
     let prompt_s = timeline::frames_to_s(prompt.frames() as u64, prompt.sample_rate);
     let (ruler, lane_s) = match (&prompt.anchor, prompt.bars) {
         (Some(a), Some(bars)) => {
@@ -328,14 +340,9 @@ fn prompt_view(prompt: &Prompt, width: usize) -> PromptView {
         }
         _ => (Ruler::Seconds, prompt_s),
     };
-    let cols = if lane_s > 0.0 {
-        ((width as f64) * prompt_s / lane_s).round() as usize
-    } else {
-        0
-    };
     PromptView {
-        columns: summarise_planar(&prompt.audio, cols),
-        width,
+        audio: prompt.audio,
+        summary: (0, Vec::new()),
         ruler,
         prompt_s,
         lane_s,
@@ -353,7 +360,8 @@ mod palette {
     pub const TAKE_WAVE: Color32 = Color32::from_rgb(120, 210, 160);
     pub const SELECTED_WAVE: Color32 = Color32::from_rgb(250, 200, 90);
     pub const PLAYHEAD: Color32 = Color32::from_rgb(255, 90, 80);
-    pub const NOW_BAR: Color32 = Color32::from_rgb(34, 37, 43);
+    pub const NOW_BAR: Color32 = Color32::from_rgb(36, 40, 48);
+    pub const ROW_BG: Color32 = Color32::from_rgb(16, 17, 20);
     pub const ERROR: Color32 = Color32::from_rgb(255, 120, 110);
     pub const GOOD: Color32 = Color32::from_rgb(140, 210, 150);
     pub const LABEL: Color32 = Color32::from_rgb(200, 204, 210);
@@ -514,7 +522,7 @@ impl SegueApp {
         ui.spacing_mut().item_spacing.y = 6.0;
         ui.horizontal(|ui| {
             ui.strong("Prompt");
-            ui.menu_button("Examples ▾", |ui| {
+            ui.menu_button("Examples…", |ui| {
                 for example in settings::EXAMPLE_PROMPTS {
                     if ui.button(example).clicked() {
                         self.prompt_text = example.to_owned();
@@ -594,24 +602,32 @@ impl SegueApp {
                 ui.end_row();
                 ui.label("Seed");
                 ui.horizontal(|ui| {
-                    let mut shown = settings::shown_seed(&s, last_seed);
+                    let shown = settings::shown_seed(&s, last_seed);
                     let mut locked = s.seed.is_some();
-                    let drag = ui.add_enabled(
-                        locked,
-                        egui::DragValue::new(&mut shown).range(0..=999_999_999u64),
+                    let field = ui.add(
+                        egui::TextEdit::singleline(&mut self.seed_text)
+                            .desired_width(100.0)
+                            .char_limit(20),
                     );
-                    if drag.changed() {
-                        s = settings::with_seed_lock(&s, true, shown);
+                    if field.lost_focus() {
+                        match settings::parse_seed(&self.seed_text) {
+                            Some(seed) if Some(seed) != s.seed => {
+                                s = settings::with_seed_lock(&s, true, seed);
+                            }
+                            _ => self.seed_text = shown.to_string(),
+                        }
+                    } else if !field.has_focus() {
+                        self.seed_text = shown.to_string();
                     }
                     if ui
-                        .button("🎲")
+                        .button("Random")
                         .on_hover_text("A new random seed (locked)")
                         .clicked()
                     {
                         s = settings::with_random_seed(&s);
                     }
                     if ui
-                        .checkbox(&mut locked, "lock")
+                        .toggle_value(&mut locked, "Lock")
                         .on_hover_text("Locked: every generation uses this seed. Unlocked: a fresh one each time.")
                         .changed()
                     {
@@ -759,10 +775,8 @@ impl SegueApp {
             Phase::Cancelled => {
                 ui.label("Cancelled.");
             }
-            Phase::Ready { .. } => {
-                ui.label(egui::RichText::new(status.line()).color(palette::GOOD));
-            }
-            Phase::Idle | Phase::Loading(_) => {}
+            // The header says it.
+            Phase::Idle | Phase::Loading(_) | Phase::Ready { .. } => {}
         }
         if let Some(notice) = &status.notice {
             ui.label(egui::RichText::new(notice).color(palette::ERROR));
@@ -779,139 +793,230 @@ impl SegueApp {
     ) {
         let area = ui.max_rect();
         let painter = ui.painter_at(area);
-        painter.rect_filled(area, 4.0, ui.visuals().extreme_bg_color);
-        let label_w = 0.0;
+        painter.rect_filled(area, 4.0, palette::ROW_BG);
         let inner = area.shrink(6.0);
-        let width = (inner.width() - label_w).max(1.0) as usize;
-        self.refresh_prompt(width);
+        self.refresh_prompt();
 
-        // Lanes: the prompt first, then the takes (newest last), as many as fit.
+        // Lanes: the prompt first, then the takes (oldest first), as many as fit; the selected
+        // take always among them.
         let lane_gap = 4.0;
         let min_lane_h = 34.0;
         let fit = (((inner.height() + lane_gap) / (min_lane_h + lane_gap)).floor() as usize).max(1);
-        let shown_takes: Vec<&TakeView> = {
-            let mut v: Vec<&TakeView> = takes.iter().collect();
-            if v.len() + 1 > fit {
-                // Keep the selected take and the newest ones.
-                let keep = fit.saturating_sub(1);
-                let mut kept: Vec<&TakeView> = v.iter().rev().take(keep).copied().collect();
-                if let Some(sel) = selected.and_then(|s| v.iter().find(|t| t.id == s)) {
-                    if !kept.iter().any(|t| t.id == sel.id) && keep > 0 {
-                        kept.pop();
-                        kept.push(sel);
-                    }
+        let mut shown: Vec<&TakeView> = takes.iter().collect();
+        if shown.len() + 1 > fit {
+            let keep = fit - 1;
+            let mut kept: Vec<&TakeView> = shown.iter().rev().take(keep).copied().collect();
+            if let Some(sel) = selected.and_then(|s| shown.iter().find(|t| t.id == s)) {
+                if keep > 0 && !kept.iter().any(|t| t.id == sel.id) {
+                    kept.pop();
+                    kept.push(sel);
                 }
-                kept.sort_by_key(|t| takes.iter().position(|x| x.id == t.id));
-                v = kept;
             }
-            v
-        };
-        let lanes = 1 + shown_takes.len();
-        let lane_h = ((inner.height() - lane_gap * (lanes - 1) as f32) / lanes as f32).min(140.0);
-        let lens = std::iter::once(self.prompt.as_ref().map_or(0.0, |p| p.lane_s)).chain(
-            shown_takes
-                .iter()
-                .map(|t| timeline::frames_to_s(t.take.capacity() as u64, t.take.sample_rate())),
-        );
-        let Some(scale) = px_per_s(width as f64, lens) else {
-            painter.text(
-                inner.center(),
-                Align2::CENTER_CENTER,
-                &self.prompt_missing,
+            kept.sort_by_key(|t| takes.iter().position(|x| x.id == t.id));
+            shown = kept;
+        }
+        let mut specs: Vec<(Ruler, f64)> = Vec::new();
+        if let Some(p) = &self.prompt {
+            specs.push((p.ruler, p.lane_s));
+        }
+        for t in &shown {
+            let len_s = timeline::frames_to_s(t.take.capacity() as u64, t.take.sample_rate());
+            specs.push((Ruler::for_take(t.anchor.as_ref()), len_s));
+        }
+        let arrangement = timeline::arrange(&specs, timeline::MAX_SHARED_BARS);
+        let width = inner.width().max(1.0) as f64;
+        let Some(scale) = px_per_s(width, [arrangement.len_s]) else {
+            let galley = painter.layout(
+                self.prompt_missing.clone(),
                 FontId::proportional(13.0),
+                ui.visuals().weak_text_color(),
+                inner.width() - 40.0,
+            );
+            painter.galley(
+                inner.center() - galley.size() / 2.0,
+                galley,
                 ui.visuals().weak_text_color(),
             );
             return;
         };
+        let lanes = specs.len() + usize::from(self.prompt.is_none());
+        let lane_h = ((inner.height() - lane_gap * (lanes - 1) as f32) / lanes as f32).min(140.0);
+        let x_of = |s: f64| inner.left() + (s * scale) as f32;
+        let shared = arrangement.shared;
+        let row_at = |i: usize| {
+            Rect::from_min_size(
+                Pos2::new(inner.left(), inner.top() + i as f32 * (lane_h + lane_gap)),
+                egui::vec2(inner.width(), lane_h),
+            )
+        };
 
-        let mut y = inner.top();
-        // The prompt lane.
-        let lane = Rect::from_min_size(
-            Pos2::new(inner.left(), y),
-            egui::vec2(inner.width(), lane_h),
-        );
-        match &self.prompt {
-            Some(p) => {
-                let title = match p.bars {
-                    Some(b) => format!("Prompt · last {b} bars"),
-                    None => format!("Prompt · last {:.0} s", p.prompt_s),
+        // Grid and labels of a lane: the shared ruler over the whole row, or the lane's own.
+        let draw_grid = |row: Rect, ruler: &Ruler, offset_s: f64, len_s: f64| {
+            let (ruler, from, len) = match &shared {
+                Some(r) => (r, 0.0, arrangement.len_s),
+                None => (ruler, offset_s, len_s),
+            };
+            let mut labels = Vec::new();
+            for line in grid_lines(ruler, len, scale, 8.0, 28.0) {
+                let x = x_of(from + line.at_s);
+                let colour = if line.major {
+                    palette::BAR_LINE
+                } else {
+                    palette::BEAT_LINE
                 };
-                draw_lane(&painter, lane, &p.ruler, p.lane_s, scale, &title, false);
-                // The bar being played now, after the prompt.
-                let now_x = lane.left() + (p.prompt_s * scale) as f32;
-                painter.rect_filled(
-                    Rect::from_min_max(
-                        Pos2::new(now_x, lane.top()),
-                        Pos2::new(lane.left() + (p.lane_s * scale) as f32, lane.bottom()),
+                painter.line_segment(
+                    [Pos2::new(x, row.top()), Pos2::new(x, row.bottom())],
+                    Stroke::new(1.0, colour),
+                );
+                if let Some(label) = line.label {
+                    if x < row.right() - 14.0 {
+                        labels.push((x, label));
+                    }
+                }
+            }
+            labels
+        };
+        let draw_labels = |row: Rect, labels: Vec<(f32, String)>, title: &str| {
+            for (x, label) in labels {
+                painter.text(
+                    Pos2::new(x + 3.0, row.bottom() - 2.0),
+                    Align2::LEFT_BOTTOM,
+                    label,
+                    FontId::monospace(10.0),
+                    palette::LABEL.gamma_multiply(0.6),
+                );
+            }
+            painter.text(
+                row.left_top() + egui::vec2(5.0, 3.0),
+                Align2::LEFT_TOP,
+                title,
+                FontId::proportional(12.0),
+                palette::LABEL,
+            );
+        };
+
+        let mut lane_index = 0;
+        let prompt_row = row_at(0);
+        match self.prompt.as_mut() {
+            Some(p) => {
+                let offset = arrangement.offsets_s[0];
+                let body = Rect::from_min_max(
+                    Pos2::new(x_of(offset), prompt_row.top()),
+                    Pos2::new(
+                        x_of(offset + p.lane_s).min(prompt_row.right()),
+                        prompt_row.bottom(),
                     ),
+                );
+                painter.rect_filled(body, 3.0, palette::LANE_BG);
+                // The bar being played now, after the prompt.
+                painter.rect_filled(
+                    Rect::from_min_max(Pos2::new(x_of(offset + p.prompt_s), body.top()), body.max),
                     0.0,
                     palette::NOW_BAR,
                 );
-                draw_wave(&painter, lane, &p.columns, palette::PROMPT_WAVE);
-                if let Some(at) = transport.and_then(|t| transport_playhead_s(&p.ruler, &t)) {
-                    draw_playhead(&painter, lane, at, p.lane_s, scale);
+                let labels = draw_grid(prompt_row, &p.ruler, offset, p.lane_s);
+                let cols = (p.prompt_s * scale).round().max(0.0) as usize;
+                draw_wave(&painter, body, p.columns(cols), palette::PROMPT_WAVE);
+                let title = match p.bars {
+                    Some(b) => format!("Prompt · the last {b} bars"),
+                    None => format!("Prompt · the last {:.0} s", p.prompt_s),
+                };
+                draw_labels(prompt_row, labels, &title);
+                if shared.is_none() {
+                    if let Some(at) = transport.and_then(|t| transport_playhead_s(&p.ruler, &t)) {
+                        draw_playhead(&painter, prompt_row, x_of(offset + at), body);
+                    }
                 }
+                lane_index += 1;
             }
             None => {
-                painter.rect_filled(lane, 3.0, palette::LANE_BG);
-                painter.text(
-                    lane.center(),
-                    Align2::CENTER_CENTER,
-                    &self.prompt_missing,
+                painter.rect_filled(prompt_row, 3.0, palette::LANE_BG);
+                let galley = painter.layout(
+                    self.prompt_missing.clone(),
                     FontId::proportional(12.0),
+                    ui.visuals().weak_text_color(),
+                    prompt_row.width() - 20.0,
+                );
+                painter.galley(
+                    prompt_row.center() - galley.size() / 2.0,
+                    galley,
                     ui.visuals().weak_text_color(),
                 );
             }
         }
-        y += lane_h + lane_gap;
-
-        for t in shown_takes {
-            let lane = Rect::from_min_size(
-                Pos2::new(inner.left(), y),
-                egui::vec2(inner.width(), lane_h),
+        for (k, t) in shown.iter().enumerate() {
+            // Row 0 is the prompt's, with or without a prompt.
+            let row = row_at(1 + k);
+            let (ruler, len_s) = specs[lane_index];
+            let offset = arrangement.offsets_s[lane_index];
+            lane_index += 1;
+            let body = Rect::from_min_max(
+                Pos2::new(x_of(offset), row.top()),
+                Pos2::new(x_of(offset + len_s).min(row.right()), row.bottom()),
             );
-            y += lane_h + lane_gap;
-            let ruler = Ruler::for_take(t.anchor.as_ref());
-            let len_s = timeline::frames_to_s(t.take.capacity() as u64, t.take.sample_rate());
             let is_selected = selected == Some(t.id);
-            draw_lane(&painter, lane, &ruler, len_s, scale, &t.name, is_selected);
+            painter.rect_filled(body, 3.0, palette::LANE_BG);
+            let labels = draw_grid(row, &ruler, offset, len_s);
             let cols = ((len_s * scale).round() as usize).max(1);
             let colour = if is_selected {
                 palette::SELECTED_WAVE
             } else {
                 palette::TAKE_WAVE
             };
-            let columns = self.summaries.take(&t.take, cols);
-            draw_wave(&painter, lane, columns, colour);
-            // The player's own position in the take (any mode), else the transport over it.
-            let rate = t.take.sample_rate();
-            let at = match player {
-                Some(p) if p.playing_take() == Some(t.id) => {
-                    Some(timeline::frames_to_s(p.frame(), rate))
-                }
-                Some(p) => match p.auditioning() {
-                    Some((id, frame)) if id == t.id => Some(timeline::frames_to_s(frame, rate)),
-                    _ => None,
-                },
-                None => None,
+            draw_wave(&painter, body, self.summaries.take(&t.take, cols), colour);
+            draw_labels(row, labels, &t.name);
+            if is_selected {
+                painter.rect_stroke(
+                    body,
+                    3.0,
+                    Stroke::new(1.5, palette::SELECTED_WAVE),
+                    StrokeKind::Inside,
+                );
             }
-            .or_else(|| {
-                transport
-                    .and_then(|now| transport_playhead_s(&ruler, &now))
-                    .filter(|s| (0.0..len_s).contains(s))
+            // Where the player is in this take (any mode, or the audition).
+            let rate = t.take.sample_rate();
+            let at = player.and_then(|p| {
+                if p.playing_take() == Some(t.id) {
+                    Some(timeline::frames_to_s(p.frame(), rate))
+                } else {
+                    p.auditioning()
+                        .filter(|(id, _)| *id == t.id)
+                        .map(|(_, frame)| timeline::frames_to_s(frame, rate))
+                }
             });
+            let at = match (at, shared) {
+                (Some(at), _) => Some(at),
+                // Each lane on its own: the transport where it runs over the take.
+                (None, None) => transport
+                    .and_then(|now| transport_playhead_s(&ruler, &now))
+                    .filter(|s| (0.0..len_s).contains(s)),
+                (None, Some(_)) => None,
+            };
             if let Some(at) = at {
-                draw_playhead(&painter, lane, at, len_s, scale);
+                draw_playhead(&painter, row, x_of(offset + at), body);
             }
             let click = ui.interact(
-                lane,
-                egui::Id::new(("segue-lane", t.id.0)),
+                row,
+                egui::Id::unique(("segue-lane", t.id.0)),
                 egui::Sense::click(),
             );
             if click.clicked() && !is_selected {
                 self.send(Command::Select(Some(t.id)));
             }
             click.on_hover_text("Click to play this take");
+        }
+        // On a shared axis, the transport's playhead runs over every lane.
+        if let Some(ruler) = shared {
+            if let Some(at) = transport.and_then(|now| transport_playhead_s(&ruler, &now)) {
+                if (0.0..=arrangement.len_s).contains(&at) {
+                    let bottom = row_at(lanes - 1).bottom();
+                    let x = x_of(at);
+                    painter.line_segment(
+                        [Pos2::new(x, inner.top()), Pos2::new(x, bottom)],
+                        Stroke::new(2.0, palette::PLAYHEAD),
+                    );
+                }
+            }
         }
     }
 
@@ -1107,57 +1212,6 @@ impl SegueApp {
     }
 }
 
-/// Background, ruler and title of a lane `len_s` seconds long at `scale` pixels per second.
-fn draw_lane(
-    painter: &egui::Painter,
-    lane: Rect,
-    ruler: &Ruler,
-    len_s: f64,
-    scale: f64,
-    title: &str,
-    highlighted: bool,
-) {
-    let end_x = lane.left() + (len_s * scale) as f32;
-    let body = Rect::from_min_max(lane.min, Pos2::new(end_x.min(lane.right()), lane.bottom()));
-    painter.rect_filled(body, 3.0, palette::LANE_BG);
-    for line in grid_lines(ruler, len_s, scale, 8.0, 28.0) {
-        let x = lane.left() + (line.at_s * scale) as f32;
-        let colour = if line.major {
-            palette::BAR_LINE
-        } else {
-            palette::BEAT_LINE
-        };
-        painter.line_segment(
-            [Pos2::new(x, lane.top()), Pos2::new(x, lane.bottom())],
-            Stroke::new(1.0, colour),
-        );
-        if let Some(label) = line.label {
-            painter.text(
-                Pos2::new(x + 3.0, lane.bottom() - 2.0),
-                Align2::LEFT_BOTTOM,
-                label,
-                FontId::monospace(10.0),
-                palette::BAR_LINE,
-            );
-        }
-    }
-    painter.text(
-        lane.left_top() + egui::vec2(5.0, 3.0),
-        Align2::LEFT_TOP,
-        title,
-        FontId::proportional(12.0),
-        palette::LABEL,
-    );
-    if highlighted {
-        painter.rect_stroke(
-            body,
-            3.0,
-            Stroke::new(1.5, palette::SELECTED_WAVE),
-            StrokeKind::Inside,
-        );
-    }
-}
-
 /// The waveform: one vertical stroke per column from its minimum to its maximum.
 fn draw_wave(painter: &egui::Painter, lane: Rect, columns: &[Column], colour: Color32) {
     let mid = lane.center().y;
@@ -1174,13 +1228,13 @@ fn draw_wave(painter: &egui::Painter, lane: Rect, columns: &[Column], colour: Co
     painter.extend(shapes);
 }
 
-fn draw_playhead(painter: &egui::Painter, lane: Rect, at_s: f64, len_s: f64, scale: f64) {
-    if !(0.0..=len_s).contains(&at_s) {
+/// A playhead at `x` over `row`, where it falls within the lane's `body`.
+fn draw_playhead(painter: &egui::Painter, row: Rect, x: f32, body: Rect) {
+    if x < body.left() || x > body.right() {
         return;
     }
-    let x = lane.left() + (at_s * scale) as f32;
     painter.line_segment(
-        [Pos2::new(x, lane.top()), Pos2::new(x, lane.bottom())],
+        [Pos2::new(x, row.top()), Pos2::new(x, row.bottom())],
         Stroke::new(2.0, palette::PLAYHEAD),
     );
 }

@@ -163,6 +163,12 @@ pub fn with_random_seed(settings: &SamplingSettings) -> SamplingSettings {
     with_seed_lock(settings, true, random_seed())
 }
 
+/// The seed typed into the seed field (digits, surrounding spaces allowed); `None` when it is
+/// not a number that fits in 64 bits.
+pub fn parse_seed(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
 /// The seed the settings show: the locked one, else the seed of the last take (`last`), else 0.
 pub fn shown_seed(settings: &SamplingSettings, last: Option<u64>) -> u64 {
     settings.seed.or(last).unwrap_or(0)
@@ -282,6 +288,16 @@ mod tests {
             unlocked,
             "nothing else changes"
         );
+    }
+
+    #[test]
+    fn typed_seeds_are_whole_numbers() {
+        assert_eq!(parse_seed(" 42 "), Some(42));
+        assert_eq!(parse_seed("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_seed("18446744073709551616"), None);
+        assert_eq!(parse_seed("-1"), None);
+        assert_eq!(parse_seed("4.2"), None);
+        assert_eq!(parse_seed(""), None);
     }
 
     #[test]

@@ -182,6 +182,85 @@ pub fn px_per_s(width_px: f64, lens_s: impl IntoIterator<Item = f64>) -> Option<
     (longest > 0.0 && width_px > 0.0).then(|| width_px / longest)
 }
 
+/// Most bars a shared axis spans; lanes further apart are drawn each from its own start.
+pub const MAX_SHARED_BARS: f64 = 32.0;
+
+/// How the lanes sit side by side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arrangement {
+    /// The ruler every lane shares (bar lines line up across lanes, one playhead runs over
+    /// all), or `None` when each lane starts at the left with its own ruler.
+    pub shared: Option<Ruler>,
+    /// Where each lane starts, in seconds from the left edge.
+    pub offsets_s: Vec<f64>,
+    /// Seconds the width shows.
+    pub len_s: f64,
+}
+
+/// Arranges lanes given as `(ruler, length in seconds)`: on one bar axis when every lane is on
+/// the musical timeline at the same tempo and signature and together they span at most
+/// `max_bars` bars, each lane at its own bar; otherwise each from the left edge.
+pub fn arrange(lanes: &[(Ruler, f64)], max_bars: f64) -> Arrangement {
+    let per_lane = || Arrangement {
+        shared: None,
+        offsets_s: vec![0.0; lanes.len()],
+        len_s: lanes
+            .iter()
+            .map(|(_, l)| *l)
+            .filter(|l| l.is_finite())
+            .fold(0.0, f64::max),
+    };
+    let Some((first, _)) = lanes.first() else {
+        return per_lane();
+    };
+    let (tempo, sig) = match first {
+        Ruler::Bars {
+            tempo_bpm,
+            time_sig,
+            ..
+        } => (*tempo_bpm, *time_sig),
+        Ruler::Seconds => return per_lane(),
+    };
+    let Some(bar_s) = first.seconds_per_bar() else {
+        return per_lane();
+    };
+    let mut start_bar = i64::MAX;
+    let mut end_s = f64::NEG_INFINITY;
+    for (ruler, len_s) in lanes {
+        match ruler {
+            Ruler::Bars {
+                tempo_bpm,
+                time_sig,
+                first_bar,
+            } if (*tempo_bpm - tempo).abs() < 1e-6 && *time_sig == sig && len_s.is_finite() => {
+                start_bar = start_bar.min(*first_bar);
+                end_s = end_s.max(*first_bar as f64 * bar_s + len_s);
+            }
+            _ => return per_lane(),
+        }
+    }
+    let len_s = end_s - start_bar as f64 * bar_s;
+    if !(len_s > 0.0 && len_s / bar_s <= max_bars + 1e-9) {
+        return per_lane();
+    }
+    let offsets_s = lanes
+        .iter()
+        .map(|(ruler, _)| match ruler {
+            Ruler::Bars { first_bar, .. } => (*first_bar - start_bar) as f64 * bar_s,
+            Ruler::Seconds => 0.0,
+        })
+        .collect();
+    Arrangement {
+        shared: Some(Ruler::Bars {
+            tempo_bpm: tempo,
+            time_sig: sig,
+            first_bar: start_bar,
+        }),
+        offsets_s,
+        len_s,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +372,59 @@ mod tests {
         };
         assert_eq!(transport_playhead_s(&four_four(4), &stopped), None);
         assert_eq!(transport_playhead_s(&Ruler::Seconds, &now), None);
+    }
+
+    #[test]
+    fn lanes_on_one_grid_share_an_axis() {
+        // A 4-bar prompt from bar 4 (0-based) plus the bar being played, takes at bars 4 and 5.
+        let lanes = [
+            (four_four(4), 10.0),
+            (four_four(4), 2.0),
+            (four_four(5), 2.0),
+        ];
+        let a = arrange(&lanes, MAX_SHARED_BARS);
+        assert_eq!(a.shared, Some(four_four(4)));
+        assert_eq!(a.offsets_s, vec![0.0, 0.0, 2.0]);
+        assert_eq!(a.len_s, 10.0);
+        // An earlier take widens the axis to the left.
+        let lanes = [(four_four(8), 10.0), (four_four(6), 2.0)];
+        let a = arrange(&lanes, MAX_SHARED_BARS);
+        assert_eq!(a.shared, Some(four_four(6)));
+        assert_eq!(a.offsets_s, vec![4.0, 0.0]);
+        assert_eq!(a.len_s, 14.0);
+    }
+
+    #[test]
+    fn lanes_apart_or_off_grid_start_at_the_left() {
+        let far = [(four_four(100), 10.0), (four_four(4), 2.0)];
+        let a = arrange(&far, MAX_SHARED_BARS);
+        assert_eq!(a.shared, None);
+        assert_eq!(a.offsets_s, vec![0.0, 0.0]);
+        assert_eq!(a.len_s, 10.0);
+        let other_tempo = Ruler::Bars {
+            tempo_bpm: 90.0,
+            time_sig: TimeSig {
+                numerator: 4,
+                denominator: 4,
+            },
+            first_bar: 4,
+        };
+        assert_eq!(
+            arrange(&[(four_four(4), 2.0), (other_tempo, 2.0)], MAX_SHARED_BARS).shared,
+            None
+        );
+        assert_eq!(
+            arrange(
+                &[(four_four(4), 2.0), (Ruler::Seconds, 3.0)],
+                MAX_SHARED_BARS
+            ),
+            Arrangement {
+                shared: None,
+                offsets_s: vec![0.0, 0.0],
+                len_s: 3.0
+            }
+        );
+        assert_eq!(arrange(&[], MAX_SHARED_BARS).len_s, 0.0);
     }
 
     #[test]
