@@ -584,3 +584,95 @@ impl Worker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::{ExportRate, ExportRequest};
+    use segue_engine::audio::read_wav;
+    use std::time::Instant;
+
+    /// A store with one take "Riff" (host rate 48 kHz, source at 32 kHz).
+    fn shared_with_a_take() -> (Arc<Shared>, TakeId, Vec<Vec<f32>>) {
+        let shared = Arc::new(Shared::default());
+        let source = SourceAudio {
+            sample_rate: MODEL_RATE,
+            channels: vec![(0..3_200)
+                .map(|i| ((i % 50) as f32 - 25.0) / 64.0)
+                .collect()],
+        };
+        let id = TakeId::fresh();
+        let take = build_take(id, 48_000.0, None, &source).unwrap();
+        let planar = take.to_planar();
+        shared.store.lock().insert(TakeEntry {
+            id,
+            name: "Riff".into(),
+            info: GenerationInfo::default(),
+            anchor: None,
+            source,
+            take,
+        });
+        (shared, id, planar)
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(POLL);
+        }
+    }
+
+    #[test]
+    fn editor_commands_reach_the_store_and_report_back() {
+        let (shared, id, planar) = shared_with_a_take();
+        let params = Arc::new(SegueParams::default());
+        let mut controller = Controller::start(shared.clone(), params.clone(), 48_000.0).unwrap();
+        let folder = std::env::temp_dir().join(format!("segue-cmd-export-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&folder);
+
+        shared.send(Command::Rename(id, "Chorus".into()));
+        shared.send(Command::Export(ExportRequest {
+            takes: vec![id],
+            folder: folder.clone(),
+            rate: ExportRate::Host,
+        }));
+        wait_for("no export report", || shared.status.lock().export.is_some());
+        let report = shared.status.lock().export.clone().unwrap().unwrap();
+        assert_eq!(report.files, vec![folder.join("Chorus.wav")]);
+        let back = read_wav(&report.files[0]).unwrap();
+        assert_eq!(back.sample_rate, 48_000);
+        assert_eq!(back.channels, planar);
+        // The rename was saved in the persisted takes too.
+        assert!(params.takes.json().contains("Chorus"));
+
+        // A folder that cannot be made is reported in plain words, not a panic.
+        let blocker = folder.join("file");
+        std::fs::write(&blocker, b"x").unwrap();
+        shared.send(Command::Export(ExportRequest {
+            takes: vec![id],
+            folder: blocker.join("sub"),
+            rate: ExportRate::Model,
+        }));
+        wait_for("no failed export", || {
+            matches!(shared.status.lock().export, Some(Err(_)))
+        });
+        let Some(Err(e)) = shared.status.lock().export.clone() else {
+            unreachable!()
+        };
+        assert!(e.starts_with("cannot create the folder"), "{e}");
+
+        shared.send(Command::Delete(id));
+        wait_for("take not deleted", || {
+            shared.store.lock().entries().is_empty()
+        });
+        shared.send(Command::Audition(Some(id)));
+        wait_for("no notice for a missing take", || {
+            shared.status.lock().notice.is_some()
+        });
+        let notice = shared.status.lock().notice.clone().unwrap();
+        assert!(notice.starts_with("cannot audition the take"), "{notice}");
+        controller.stop();
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+}

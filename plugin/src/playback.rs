@@ -1669,4 +1669,51 @@ mod tests {
             Err(PlayerCommand::Stop)
         ));
     }
+
+    #[test]
+    fn audition_plays_from_the_start_whatever_the_transport() {
+        for &sr in &[44_100.0, 48_000.0] {
+            for blocks in BLOCKS {
+                let (mut player, mut handle) = player_pair(sr);
+                let fade = player.fade_frames();
+                let mut sim = Sim::new(sr, 120.0, blocks);
+                // Stopped, far from the take's anchor, in timeline mode: the selection is silent
+                // but the audition sounds from its first frame on the next block's first sample.
+                sim.playing = false;
+                let audio = take_audio(6_000);
+                let take = Take::complete(TakeId::fresh(), sr, Some(64.0), &audio).unwrap();
+                select(&mut handle, &take, None);
+                sim.run(&mut player, &timeline(), 300);
+                assert!(sim.out[0].iter().all(|&x| x == 0.0));
+                assert!(handle
+                    .send(PlayerCommand::Audition(Some(take.clone())))
+                    .is_ok());
+                let s = sim.frame();
+                sim.run(&mut player, &timeline(), 8_000);
+                for j in 0..6_000 {
+                    let want = audio[0][j] * tail(6_000 - j, fade);
+                    assert_eq!(sim.out[0][s + j], want, "frame {j}");
+                    assert_eq!(sim.out[1][s + j], -want, "frame {j}");
+                }
+                assert!(sim.out[0][s + 6_000..].iter().all(|&x| x == 0.0));
+                assert_eq!(player.status.auditioning(), None, "ended with the take");
+
+                // Stopping an audition fades it out.
+                assert!(handle
+                    .send(PlayerCommand::Audition(Some(take.clone())))
+                    .is_ok());
+                sim.run(&mut player, &timeline(), 1_000);
+                assert_eq!(
+                    player.status.auditioning().map(|(id, _)| id),
+                    Some(take.id())
+                );
+                assert!(handle.send(PlayerCommand::Audition(None)).is_ok());
+                let s = sim.frame();
+                sim.run(&mut player, &timeline(), fade + 100);
+                assert_ne!(sim.out[0][s], 0.0);
+                assert!(sim.out[0][s + fade..].iter().all(|&x| x == 0.0));
+                assert_eq!(player.status.auditioning(), None);
+            }
+        }
+    }
 }
