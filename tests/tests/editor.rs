@@ -6,6 +6,7 @@
 
 use anyhow::{bail, ensure, Result};
 use segue::editor::layout::{Area, Layout};
+use segue::editor::MIN_EDITOR_SIZE;
 use segue::params::DEFAULT_EDITOR_SIZE;
 use segue::takes::decode_state;
 use segue_host_tests::gui::{Screenshot, XServer};
@@ -295,6 +296,36 @@ fn editor_shows_the_prompt_and_two_takes() -> Result<()> {
     let list = Layout::for_size(size.0 as f32, size.1 as f32).takes;
     let (list_ink, _) = region_stats(&shot, &list);
     assert!(list_ink > 0.03, "take list {:.1}% ink", list_ink * 100.0);
+
+    // The smallest window still shows every part, laid out for its size.
+    let min = (MIN_EDITOR_SIZE.width, MIN_EDITOR_SIZE.height);
+    assert_eq!(plugin.resize_editor(min.0, min.1)?, min);
+    let start = Instant::now();
+    let small = loop {
+        plugin.pump_main_thread();
+        let shot = plugin.editor_screenshot(DRAW_TIMEOUT)?;
+        // The export bar's frame is drawn where the layout puts it at the new size (its top
+        // edge differs from the background), i.e. the window redrew for the new size.
+        let export = Layout::for_size(min.0 as f32, min.1 as f32).export;
+        let edge = shot.pixel((export.x + export.w / 2.0) as u32, export.y as u32);
+        let inside = shot.pixel((export.x + export.w / 2.0) as u32, export.y as u32 + 4);
+        if (shot.width, shot.height) == min
+            && edge != inside
+            && region_stats(&shot, &lanes_area(min)).0 > 0.15
+        {
+            break shot;
+        }
+        ensure!(
+            start.elapsed() < DRAW_TIMEOUT,
+            "the editor did not redraw at {min:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    small.save_png(
+        &target_dir()?
+            .join("screenshots")
+            .join("editor-takes-small.png"),
+    )?;
     plugin.close_editor()?;
     Ok(())
 }

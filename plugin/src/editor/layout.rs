@@ -5,9 +5,10 @@
 //! ┌ header: name, model and device, status ───────────────────────────┐
 //! │ settings column   │ timeline: prompt and take waveforms on bars   │
 //! │ (prompt, model,   ├────────────────────────────────────────────────┤
-//! │  sampling, seed,  │ take list                                      │
-//! │  generate/cancel, ├────────────────────────────────────────────────┤
-//! │  progress)        │ export: folder, rate, buttons, where it went   │
+//! │  sampling, seed)  │ take list                                      │
+//! ├───────────────────┤                                                │
+//! │ generate, cancel, ├────────────────────────────────────────────────┤
+//! │ progress, errors  │ export: folder, rate, buttons, where it went   │
 //! └───────────────────┴────────────────────────────────────────────────┘
 //! ```
 
@@ -62,6 +63,8 @@ pub const GAP: f32 = 8.0;
 pub const HEADER_H: f32 = 36.0;
 /// Width of the settings column.
 pub const SETTINGS_W: f32 = 340.0;
+/// Height of the generate block (always visible, below the scrolling settings).
+pub const GENERATE_H: f32 = 96.0;
 /// Height of the export bar.
 pub const EXPORT_H: f32 = 84.0;
 /// Smallest and largest timeline height.
@@ -72,8 +75,10 @@ pub const TIMELINE_H: (f32, f32) = (150.0, 420.0);
 pub struct Layout {
     /// Name, model, device, status.
     pub header: Area,
-    /// Prompt, model, sampling settings, generate and cancel, progress.
+    /// Prompt, model, sampling settings (scrolls when the window is short).
     pub settings: Area,
+    /// Generate and cancel, progress, errors.
+    pub generate: Area,
     /// The waveform lanes.
     pub timeline: Area,
     /// The take list.
@@ -96,11 +101,18 @@ impl Layout {
         let top = header.bottom() + GAP / 2.0;
         let body_h = (h - top - GAP).max(0.0);
         let settings_w = SETTINGS_W.min((w - 3.0 * GAP) / 2.0).max(0.0);
+        let generate_h = GENERATE_H.min(body_h / 2.0);
         let settings = Area {
             x: GAP,
             y: top,
             w: settings_w,
-            h: body_h,
+            h: (body_h - generate_h - GAP).max(0.0),
+        };
+        let generate = Area {
+            x: GAP,
+            y: top + body_h - generate_h,
+            w: settings_w,
+            h: generate_h,
         };
         let right_x = settings.right() + GAP;
         let right_w = (w - right_x - GAP).max(0.0);
@@ -129,6 +141,7 @@ impl Layout {
         Layout {
             header,
             settings,
+            generate,
             timeline,
             takes,
             export,
@@ -136,10 +149,11 @@ impl Layout {
     }
 
     /// Every part, for checks.
-    pub fn parts(&self) -> [Area; 5] {
+    pub fn parts(&self) -> [Area; 6] {
         [
             self.header,
             self.settings,
+            self.generate,
             self.timeline,
             self.takes,
             self.export,
@@ -193,7 +207,10 @@ mod tests {
             assert!(l.timeline.bottom() <= l.takes.y);
             assert!(l.takes.bottom() <= l.export.y);
             assert_eq!(l.export.bottom(), h - GAP);
+            assert_eq!(l.generate.bottom(), h - GAP);
+            assert!(l.settings.bottom() <= l.generate.y);
             assert!(l.timeline.h >= TIMELINE_H.0.min(l.settings.h * 0.3));
+            assert_eq!(l.generate.h, GENERATE_H);
         }
     }
 

@@ -37,7 +37,7 @@ use crate::capture::{Prompt, PromptRequest};
 use crate::controller::{Command, Shared};
 use crate::export::{default_export_folder, ExportRate};
 use crate::params::{EditorSize, SegueParams};
-use crate::status::{format_duration, time_left, Loading, Phase, Status};
+use crate::status::{format_duration, time_left, Phase, Status};
 use crate::takes::{GenerationInfo, Take, TakeAnchor, TakeId};
 use egui::{Align2, Color32, FontId, Pos2, Rect, Stroke, StrokeKind, UiBuilder};
 use layout::{Area, Layout};
@@ -409,8 +409,11 @@ impl NiceEguiApp for SegueApp {
                 group(ui, |ui| {
                     egui::ScrollArea::vertical()
                         .id_salt("settings-scroll")
-                        .show(ui, |ui| self.settings(ui, &setter, &status, &takes));
+                        .show(ui, |ui| self.settings(ui, &setter, &takes));
                 })
+            });
+            in_area(ui, layout.generate, |ui| {
+                group(ui, |ui| self.generate_block(ui, &status))
             });
             in_area(ui, layout.timeline, |ui| {
                 self.timeline(ui, &takes, selected, player.as_deref(), transport)
@@ -512,13 +515,7 @@ impl SegueApp {
         });
     }
 
-    fn settings(
-        &mut self,
-        ui: &mut egui::Ui,
-        setter: &ParamSetter,
-        status: &Status,
-        takes: &[TakeView],
-    ) {
+    fn settings(&mut self, ui: &mut egui::Ui, setter: &ParamSetter, takes: &[TakeView]) {
         ui.spacing_mut().item_spacing.y = 6.0;
         ui.horizontal(|ui| {
             ui.strong("Prompt");
@@ -550,7 +547,7 @@ impl SegueApp {
 
         ui.add_space(4.0);
         ui.strong("Model");
-        self.model_picker(ui, status);
+        self.model_picker(ui);
 
         ui.add_space(4.0);
         ui.strong("Generation");
@@ -576,8 +573,7 @@ impl SegueApp {
                 ui.label("Temperature");
                 ui.add_enabled(
                     !s.greedy,
-                    egui::Slider::new(&mut s.temperature, settings::TEMPERATURE)
-                        .fixed_decimals(2),
+                    egui::Slider::new(&mut s.temperature, settings::TEMPERATURE).fixed_decimals(2),
                 );
                 ui.end_row();
                 ui.label("Top-k");
@@ -594,53 +590,58 @@ impl SegueApp {
                 .on_hover_text("1.00 = off");
                 ui.end_row();
                 ui.label("Guidance");
-                ui.add(egui::Slider::new(&mut s.guidance_scale, settings::GUIDANCE).fixed_decimals(1))
-                    .on_hover_text("How closely the text prompt is followed (1 = ignore it)");
+                ui.add(
+                    egui::Slider::new(&mut s.guidance_scale, settings::GUIDANCE).fixed_decimals(1),
+                )
+                .on_hover_text("How closely the text prompt is followed (1 = ignore it)");
                 ui.end_row();
                 ui.label("Greedy");
                 ui.checkbox(&mut s.greedy, "most likely token (no sampling)");
                 ui.end_row();
-                ui.label("Seed");
-                ui.horizontal(|ui| {
-                    let shown = settings::shown_seed(&s, last_seed);
-                    let mut locked = s.seed.is_some();
-                    let field = ui.add(
-                        egui::TextEdit::singleline(&mut self.seed_text)
-                            .desired_width(100.0)
-                            .char_limit(20),
-                    );
-                    if field.lost_focus() {
-                        match settings::parse_seed(&self.seed_text) {
-                            Some(seed) if Some(seed) != s.seed => {
-                                s = settings::with_seed_lock(&s, true, seed);
-                            }
-                            _ => self.seed_text = shown.to_string(),
-                        }
-                    } else if !field.has_focus() {
-                        self.seed_text = shown.to_string();
-                    }
-                    if ui
-                        .button("Random")
-                        .on_hover_text("A new random seed (locked)")
-                        .clicked()
-                    {
-                        s = settings::with_random_seed(&s);
-                    }
-                    if ui
-                        .toggle_value(&mut locked, "Lock")
-                        .on_hover_text("Locked: every generation uses this seed. Unlocked: a fresh one each time.")
-                        .changed()
-                    {
-                        s = settings::with_seed_lock(&s, locked, shown);
-                    }
-                });
-                ui.end_row();
             });
+        // The seed row is wider than the grid's second column.
+        ui.horizontal(|ui| {
+            ui.label("Seed");
+            let shown = settings::shown_seed(&s, last_seed);
+            let mut locked = s.seed.is_some();
+            let field = ui.add(
+                egui::TextEdit::singleline(&mut self.seed_text)
+                    .desired_width(120.0)
+                    .char_limit(20),
+            );
+            if field.lost_focus() {
+                match settings::parse_seed(&self.seed_text) {
+                    Some(seed) if Some(seed) != s.seed => {
+                        s = settings::with_seed_lock(&s, true, seed);
+                    }
+                    _ => self.seed_text = shown.to_string(),
+                }
+            } else if !field.has_focus() {
+                self.seed_text = shown.to_string();
+            }
+            if ui
+                .button("Random")
+                .on_hover_text("A new random seed (locked)")
+                .clicked()
+            {
+                s = settings::with_random_seed(&s);
+            }
+            if ui
+                .checkbox(&mut locked, "Lock")
+                .on_hover_text(
+                    "Locked: every generation uses this seed. Unlocked: a fresh one each time.",
+                )
+                .changed()
+            {
+                s = settings::with_seed_lock(&s, locked, shown);
+            }
+        });
         if s != old {
             *self.params.sampling.write() = settings::clamped(&s);
         }
+    }
 
-        ui.add_space(8.0);
+    fn generate_block(&mut self, ui: &mut egui::Ui, status: &Status) {
         let running = status.phase.is_running() || self.shared.busy();
         ui.horizontal(|ui| {
             let generate = egui::Button::new(
@@ -670,10 +671,13 @@ impl SegueApp {
                 self.send(Command::Cancel);
             }
         });
-        self.progress(ui, status);
+        egui::ScrollArea::vertical()
+            .id_salt("progress-scroll")
+            .auto_shrink([false, true])
+            .show(ui, |ui| self.progress(ui, status));
     }
 
-    fn model_picker(&mut self, ui: &mut egui::Ui, status: &Status) {
+    fn model_picker(&mut self, ui: &mut egui::Ui) {
         let current = self.params.model.read().clone();
         let is_choice = settings::MODEL_CHOICES.iter().any(|c| c.id == current);
         let mut chosen: Option<String> = None;
@@ -725,14 +729,6 @@ impl SegueApp {
         } else {
             self.model_text = self.params.model.read().clone();
         }
-        if let Phase::Loading(loading) = &status.phase {
-            let text = status.line();
-            let bar = match loading.fraction() {
-                Some(f) => egui::ProgressBar::new(f).text(text),
-                None => egui::ProgressBar::new(0.0).animate(true).text(text),
-            };
-            ui.add(bar);
-        }
     }
 
     fn progress(&self, ui: &mut egui::Ui, status: &Status) {
@@ -759,12 +755,13 @@ impl SegueApp {
             Phase::Starting => {
                 ui.add(egui::ProgressBar::new(0.0).animate(true).text("starting…"));
             }
-            Phase::Loading(Loading::Reading) => {
-                ui.add(
-                    egui::ProgressBar::new(0.0)
-                        .animate(true)
-                        .text("loading the model…"),
-                );
+            Phase::Loading(loading) => {
+                let text = status.line();
+                let bar = match loading.fraction() {
+                    Some(f) => egui::ProgressBar::new(f).text(text),
+                    None => egui::ProgressBar::new(0.0).animate(true).text(text),
+                };
+                ui.add(bar);
             }
             Phase::Failed(reason) => {
                 ui.label(
@@ -776,7 +773,7 @@ impl SegueApp {
                 ui.label("Cancelled.");
             }
             // The header says it.
-            Phase::Idle | Phase::Loading(_) | Phase::Ready { .. } => {}
+            Phase::Idle | Phase::Ready { .. } => {}
         }
         if let Some(notice) = &status.notice {
             ui.label(egui::RichText::new(notice).color(palette::ERROR));
@@ -1079,13 +1076,6 @@ impl SegueApp {
             } else if !edit.has_focus() && *name != t.name {
                 *name = t.name.clone();
             }
-            let (valid, complete) = t.take.available();
-            let place = take_list::place_line(t.anchor.as_ref(), valid, t.take.sample_rate());
-            ui.label(if complete {
-                place
-            } else {
-                format!("{place} (arriving)")
-            });
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                 if ui.small_button("Delete").clicked() {
                     self.send(Command::Delete(t.id));
@@ -1110,8 +1100,13 @@ impl SegueApp {
                 }
             });
         });
+        let (valid, complete) = t.take.available();
+        let mut place = take_list::place_line(t.anchor.as_ref(), valid, t.take.sample_rate());
+        if !complete {
+            place.push_str(" (arriving)");
+        }
         ui.label(
-            egui::RichText::new(take_list::info_line(&t.info))
+            egui::RichText::new(format!("{place} · {}", take_list::info_line(&t.info)))
                 .small()
                 .weak(),
         )
