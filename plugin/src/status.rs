@@ -134,6 +134,10 @@ impl Status {
         if std::mem::discriminant(&phase) != std::mem::discriminant(&self.phase) {
             self.since = Instant::now();
         }
+        // A new generation starts with a clean slate.
+        if phase == Phase::Starting {
+            self.notice = None;
+        }
         self.phase = phase;
         self.revision += 1;
     }
@@ -286,6 +290,16 @@ mod tests {
         assert!(status.revision > revision);
         assert!(!status.phase.is_running());
         assert_eq!(status.line(), "Generation failed: no network");
+    }
+
+    #[test]
+    fn a_new_generation_clears_the_last_notice() {
+        let mut status = Status::default();
+        status.set_notice(Some("cannot rename the take".into()));
+        status.set_phase(Phase::Loading(Loading::Reading));
+        assert!(status.notice.is_some(), "loading keeps it");
+        status.set_phase(Phase::Starting);
+        assert_eq!(status.notice, None);
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub const PROMPT_REFRESH: Duration = Duration::from_millis(300);
 struct Memory {
     export_folder: String,
     export_rate: ExportRate,
+    /// A folder dialog is open (on its own thread, which writes `export_folder` when it closes).
+    choosing: bool,
 }
 
 impl Default for Memory {
@@ -85,6 +87,7 @@ impl Default for Memory {
         Memory {
             export_folder: default_export_folder().display().to_string(),
             export_rate: ExportRate::Host,
+            choosing: false,
         }
     }
 }
@@ -776,7 +779,12 @@ impl SegueApp {
             Phase::Idle | Phase::Ready { .. } => {}
         }
         if let Some(notice) = &status.notice {
-            ui.label(egui::RichText::new(notice).color(palette::ERROR));
+            ui.horizontal_wrapped(|ui| {
+                ui.label(egui::RichText::new(notice).color(palette::ERROR));
+                if ui.small_button("Dismiss").clicked() {
+                    self.shared.status.lock().set_notice(None);
+                }
+            });
         }
     }
 
@@ -1117,6 +1125,38 @@ impl SegueApp {
         });
     }
 
+    /// Opens the system's folder dialog on its own thread (it blocks until the user picks), so
+    /// the window keeps drawing; the pick lands in the export folder field.
+    fn choose_folder(&self) {
+        let memory = self.memory.clone();
+        let start = take_list::expand_home(&memory.lock().export_folder);
+        memory.lock().choosing = true;
+        let spawned = std::thread::Builder::new()
+            .name("segue-folder-dialog".into())
+            .spawn({
+                let memory = memory.clone();
+                move || {
+                    let mut dialog = rfd::AsyncFileDialog::new().set_title("Export takes to");
+                    if start.is_dir() {
+                        dialog = dialog.set_directory(&start);
+                    }
+                    let picked = pollster::block_on(dialog.pick_folder());
+                    let mut memory = memory.lock();
+                    memory.choosing = false;
+                    if let Some(folder) = picked {
+                        memory.export_folder = folder.path().display().to_string();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            memory.lock().choosing = false;
+            self.shared
+                .status
+                .lock()
+                .set_notice(Some(format!("cannot open the folder dialog: {e}")));
+        }
+    }
+
     fn export(&self, scope: ExportScope, ids: &[TakeId], selected: Option<TakeId>) {
         let memory = self.memory.lock().clone();
         if let Some(request) = take_list::export_request(
@@ -1144,11 +1184,23 @@ impl SegueApp {
         let ids: Vec<TakeId> = takes.iter().map(|t| t.id).collect();
         ui.horizontal(|ui| {
             ui.strong("Export to");
+            let choosing = self.memory.lock().choosing;
+            {
+                let mut memory = self.memory.lock();
+                ui.add_enabled(
+                    !choosing,
+                    egui::TextEdit::singleline(&mut memory.export_folder)
+                        .desired_width((ui.available_width() - 320.0).max(100.0)),
+                );
+            }
+            if ui
+                .add_enabled(!choosing, egui::Button::new("Choose…"))
+                .on_hover_text("Pick the folder in the system's dialog")
+                .clicked()
+            {
+                self.choose_folder();
+            }
             let mut memory = self.memory.lock();
-            ui.add(
-                egui::TextEdit::singleline(&mut memory.export_folder)
-                    .desired_width((ui.available_width() - 250.0).max(120.0)),
-            );
             let host_label = match host_rate {
                 Some(r) => format!("{:.1} kHz", r / 1000.0),
                 None => "host rate".to_owned(),
