@@ -237,6 +237,8 @@ pub struct SegueApp {
     prompt_missing: String,
     /// When the prompt region was last copied, and the capture position then.
     prompt_checked: Option<(Instant, u64, i32)>,
+    /// The capture position last seen, and when it last changed.
+    last_frames: (Option<u64>, Instant),
 }
 
 impl SegueApp {
@@ -257,6 +259,7 @@ impl SegueApp {
             prompt: None,
             prompt_missing: String::new(),
             prompt_checked: None,
+            last_frames: (None, Instant::now()),
         }
     }
 
@@ -397,12 +400,18 @@ impl NiceEguiApp for SegueApp {
             .lock()
             .as_ref()
             .and_then(|r| r.transport_now());
-        let moving = status.phase.is_running()
-            || transport.is_some_and(|t| t.playing)
-            || playing.is_some()
-            || auditioning.is_some();
-        ui.ctx()
-            .request_repaint_after(if moving { ANIMATION } else { IDLE_POLL });
+        // Playheads only move while the host runs the audio thread (some hosts stop calling it
+        // when idle, leaving the last "playing" report behind).
+        let frames = transport.map(|t| t.frames);
+        if frames != self.last_frames.0 {
+            self.last_frames = (frames, Instant::now());
+        }
+        let audio_running = self.last_frames.1.elapsed() < IDLE_POLL * 2;
+        ui.ctx().request_repaint_after(repaint_after(
+            status.phase.is_running(),
+            audio_running,
+            transport.is_some_and(|t| t.playing) || playing.is_some() || auditioning.is_some(),
+        ));
 
         let screen = ui.max_rect();
         let layout = Layout::for_size(screen.width(), screen.height());
@@ -448,6 +457,17 @@ impl NiceEguiApp for SegueApp {
         self.summaries = SummaryCache::default();
         self.prompt = None;
         self.prompt_checked = None;
+    }
+}
+
+/// How soon the window draws again when nothing happens to it: [`ANIMATION`] while a generation
+/// runs or, with the audio thread running (`audio_running`), while something moves under the
+/// playhead (`moving`: the transport plays, a take or an audition sounds); else [`IDLE_POLL`].
+pub fn repaint_after(generating: bool, audio_running: bool, moving: bool) -> Duration {
+    if generating || (audio_running && moving) {
+        ANIMATION
+    } else {
+        IDLE_POLL
     }
 }
 
@@ -1284,4 +1304,27 @@ fn draw_playhead(painter: &egui::Painter, row: Rect, x: f32, body: Rect) {
         [Pos2::new(x, row.top()), Pos2::new(x, row.bottom())],
         Stroke::new(2.0, palette::PLAYHEAD),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_animates_only_while_something_moves() {
+        assert_eq!(repaint_after(false, false, false), IDLE_POLL);
+        assert_eq!(
+            repaint_after(false, true, false),
+            IDLE_POLL,
+            "stopped transport"
+        );
+        assert_eq!(repaint_after(false, true, true), ANIMATION, "playing");
+        assert_eq!(
+            repaint_after(false, false, true),
+            IDLE_POLL,
+            "a host that stopped calling the audio thread leaves nothing moving"
+        );
+        assert_eq!(repaint_after(true, false, false), ANIMATION, "generating");
+        assert!(IDLE_POLL >= ANIMATION * 5);
+    }
 }
