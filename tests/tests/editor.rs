@@ -20,6 +20,13 @@ use std::time::{Duration, Instant};
 
 const DRAW_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The tests of this file take turns: their host windows all sit at the top left of one X
+/// server, and a click must land in the window of the test that makes it.
+fn one_window_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// What a region of a screenshot holds: the fraction of its pixels that differ from its most
 /// common colour, and how many colours it has.
 fn region_stats(shot: &Screenshot, area: &Area) -> (f64, usize) {
@@ -67,6 +74,7 @@ fn editor_opens_draws_and_reopens() -> Result<()> {
     let Some(x) = XServer::for_test("editor_opens_draws_and_reopens") else {
         return Ok(());
     };
+    let _turn = one_window_at_a_time();
     let lib = PluginLibrary::segue()?;
     let mut plugin = lib.instantiate()?;
     plugin.activate(48_000.0, 512)?;
@@ -128,6 +136,7 @@ fn editor_size_follows_the_host_and_is_saved() -> Result<()> {
     let Some(x) = XServer::for_test("editor_size_follows_the_host_and_is_saved") else {
         return Ok(());
     };
+    let _turn = one_window_at_a_time();
     let lib = PluginLibrary::segue()?;
     let mut plugin = lib.instantiate()?;
     plugin.open_editor(x)?;
@@ -249,6 +258,7 @@ fn editor_shows_the_prompt_and_two_takes() -> Result<()> {
     let Some(x) = XServer::for_test("editor_shows_the_prompt_and_two_takes") else {
         return Ok(());
     };
+    let _turn = one_window_at_a_time();
     use_tiny_model();
     let (rate, tempo) = (48_000.0, 120.0);
     let lib = PluginLibrary::segue()?;
@@ -326,6 +336,51 @@ fn editor_shows_the_prompt_and_two_takes() -> Result<()> {
             .join("screenshots")
             .join("editor-takes-small.png"),
     )?;
+    plugin.close_editor()?;
+    Ok(())
+}
+
+#[test]
+fn the_generate_button_makes_a_take_at_the_last_bar_line() -> Result<()> {
+    let Some(x) = XServer::for_test("the_generate_button_makes_a_take_at_the_last_bar_line") else {
+        return Ok(());
+    };
+    let _turn = one_window_at_a_time();
+    use_tiny_model();
+    let (rate, tempo) = (44_100.0, 120.0);
+    let lib = PluginLibrary::segue()?;
+    let mut plugin = lib.instantiate()?;
+    plugin.set_param("monitor", 0.0)?;
+    plugin.set_param("continuation-bars", 0.0)?;
+    plugin.activate(rate, 512)?;
+    // Five and a half bars: the last bar line passed is bar 6's (0-based 5, beat 20).
+    play_bars(&mut plugin, rate, tempo, 0.0, 5, false, 41)?;
+    let spb = rate * 60.0 / tempo;
+    let half = (2.0 * spb) as usize;
+    let quiet = vec![0.01f32; half];
+    render(
+        &mut plugin,
+        &RenderRequest::new([&quiet, &quiet], [&[], &[]], BlockSplit::Fixed(512))
+            .with_transport(Transport::playing(tempo, TimeSignature::COMMON).at_beats(20.0)),
+    )?;
+    let size = plugin.open_editor(x)?;
+    plugin.editor_screenshot(DRAW_TIMEOUT)?;
+    assert_eq!(saved_take_count(&mut plugin)?, 0);
+
+    // The Generate button sits at the top left of the generate block, inside its frame.
+    let block = Layout::for_size(size.0 as f32, size.1 as f32).generate;
+    plugin.click_editor((block.x + 60.0) as i16, (block.y + 22.0) as i16)?;
+    wait_for_take_count(&mut plugin, 1)?;
+    let bytes = plugin.save_state()?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes[8..])?;
+    let encoded: String = serde_json::from_str(json["fields"]["takes"].as_str().unwrap())?;
+    let state = decode_state(&encoded)?;
+    let anchor = state.takes[0]
+        .anchor
+        .expect("the take sits on the timeline");
+    assert_eq!(anchor.beats, 20.0, "the take starts at the last bar line");
+    assert_eq!(anchor.bar_index, 5);
+    assert_eq!(state.selected, Some(0), "and plays");
     plugin.close_editor()?;
     Ok(())
 }
