@@ -381,6 +381,15 @@ fn the_generate_button_makes_a_take_at_the_last_bar_line() -> Result<()> {
     assert_eq!(anchor.beats, 20.0, "the take starts at the last bar line");
     assert_eq!(anchor.bar_index, 5);
     assert_eq!(state.selected, Some(0), "and plays");
+
+    // The row's Delete button, the rightmost of the first row of the take list.
+    let list = Layout::for_size(size.0 as f32, size.1 as f32).takes;
+    plugin.click_editor((list.right() - 34.0) as i16, (list.y + 40.0) as i16)?;
+    let start = Instant::now();
+    while saved_take_count(&mut plugin)? != 0 {
+        ensure!(start.elapsed() < DRAW_TIMEOUT, "the take was not deleted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     plugin.close_editor()?;
     Ok(())
 }
