@@ -382,8 +382,29 @@ fn the_generate_button_makes_a_take_at_the_last_bar_line() -> Result<()> {
     assert_eq!(anchor.bar_index, 5);
     assert_eq!(state.selected, Some(0), "and plays");
 
-    // The row's Delete button, the rightmost of the first row of the take list.
+    // With the transport stopped the selected take is silent (it sits on the timeline), but
+    // the row's Audition button plays it from its start at once.
     let list = Layout::for_size(size.0 as f32, size.1 as f32).takes;
+    let silence = vec![0.0f32; 512];
+    let stopped = Transport::playing(tempo, TimeSignature::COMMON)
+        .at_beats(40.0)
+        .stopped();
+    let out = plugin.process_block(&[&silence, &silence], &[], Some(&stopped), &[])?;
+    assert!(
+        out[0].iter().all(|x| *x == 0.0),
+        "nothing plays before the audition"
+    );
+    plugin.click_editor((list.right() - 231.0) as i16, (list.y + 40.0) as i16)?;
+    let start = Instant::now();
+    let mut heard = 0usize;
+    while heard == 0 {
+        ensure!(start.elapsed() < DRAW_TIMEOUT, "the audition stayed silent");
+        let out = plugin.process_block(&[&silence, &silence], &[], Some(&stopped), &[])?;
+        heard += out[0].iter().filter(|x| x.abs() > 1e-4).count();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // The row's Delete button, the rightmost of the first row of the take list.
     plugin.click_editor((list.right() - 34.0) as i16, (list.y + 40.0) as i16)?;
     let start = Instant::now();
     while saved_take_count(&mut plugin)? != 0 {
