@@ -235,8 +235,8 @@ pub struct SegueApp {
     prompt: Option<PromptView>,
     /// Why there is no prompt to show.
     prompt_missing: String,
-    /// When the prompt region was last copied, and the capture position then.
-    prompt_checked: Option<(Instant, u64, i32)>,
+    /// When the prompt region was last copied, and what it was cut from.
+    prompt_checked: Option<PromptCheck>,
     /// The capture position last seen, and when it last changed.
     last_frames: (Option<u64>, Instant),
 }
@@ -300,8 +300,10 @@ impl SegueApp {
         (views, store.selected())
     }
 
-    /// Copies the prompt region out of the history again when new audio arrived (at most every
-    /// [`PROMPT_REFRESH`]) or the prompt length or lane width changed.
+    /// Copies the prompt region out of the history again when it changed: on the musical
+    /// timeline only when a new bar line has passed (the region ends at the last one) or the
+    /// prompt length changed; without one (the region is the last seconds), or while no prompt
+    /// can be cut yet, at most every [`PROMPT_REFRESH`] while new audio arrives.
     fn refresh_prompt(&mut self) {
         let bars = self.params.prompt_bars.value();
         let reader = self.shared.capture.lock().clone();
@@ -311,16 +313,32 @@ impl SegueApp {
             return;
         };
         let frames = reader.frames_written();
-        let due = match self.prompt_checked {
-            None => true,
-            Some((at, f, b)) => b != bars || (f != frames && at.elapsed() >= PROMPT_REFRESH),
+        let bar_line = reader.transport_now().and_then(|now| now.grid).map(|g| {
+            crate::transport::bar_line_before(
+                g.pos_beats,
+                g.time_sig.beats_per_bar(),
+                g.origin_beats,
+            )
+        });
+        let check = PromptCheck {
+            at: Instant::now(),
+            frames,
+            bars,
+            bar_line,
         };
-        if !due {
+        if !prompt_due(self.prompt_checked.as_ref(), &check, self.prompt.is_some()) {
             return;
         }
-        self.prompt_checked = Some((Instant::now(), frames, bars));
+        self.prompt_checked = Some(check);
         match reader.prompt(&PromptRequest::now(f64::from(bars), f64::from(bars))) {
-            Ok(prompt) => self.prompt = Some(prompt_view(prompt)),
+            Ok(prompt) => {
+                // The bar line the region really ends at: should the history not have reached
+                // the one the transport suggests, the next check tries again.
+                if let Some(c) = self.prompt_checked.as_mut() {
+                    c.bar_line = prompt.anchor.map(|a| a.beats);
+                }
+                self.prompt = Some(prompt_view(prompt));
+            }
             Err(e) => {
                 self.prompt = None;
                 self.prompt_missing = format!(
@@ -329,6 +347,40 @@ impl SegueApp {
                 );
             }
         }
+    }
+}
+
+/// What the prompt region was last cut from.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptCheck {
+    /// When.
+    pub at: Instant,
+    /// Capture frames written then.
+    pub frames: u64,
+    /// Prompt length in bars then.
+    pub bars: i32,
+    /// The last bar line passed then, in beats (`None` without a musical position).
+    pub bar_line: Option<f64>,
+}
+
+/// Whether the prompt region must be cut again (see [`SegueApp`]'s `refresh_prompt`): never cut
+/// or another length; otherwise at most every [`PROMPT_REFRESH`], and then on the musical
+/// timeline only when the last bar line passed is not the one the region ends at (`last.bar_line`
+/// holds the region's own), without one (or without a prompt so far: `have_prompt`) when new
+/// audio arrived.
+pub fn prompt_due(last: Option<&PromptCheck>, now: &PromptCheck, have_prompt: bool) -> bool {
+    let Some(last) = last else {
+        return true;
+    };
+    if last.bars != now.bars {
+        return true;
+    }
+    if now.at.duration_since(last.at) < PROMPT_REFRESH {
+        return false;
+    }
+    match (last.bar_line, now.bar_line) {
+        (Some(a), Some(b)) if have_prompt => (a - b).abs() > 1e-9,
+        _ => now.frames != last.frames,
     }
 }
 
@@ -1309,6 +1361,59 @@ fn draw_playhead(painter: &egui::Painter, row: Rect, x: f32, body: Rect) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prompt_is_cut_again_only_when_it_changes() {
+        let t0 = Instant::now();
+        let at = |ms: u64, frames: u64, bars: i32, bar_line: Option<f64>| PromptCheck {
+            at: t0 + Duration::from_millis(ms),
+            frames,
+            bars,
+            bar_line,
+        };
+        let first = at(0, 1000, 4, Some(16.0));
+        assert!(prompt_due(None, &first, false), "never cut");
+        // Playing on within the bar: the region (ending at beat 16) stays.
+        assert!(!prompt_due(
+            Some(&first),
+            &at(900, 90_000, 4, Some(16.0)),
+            true
+        ));
+        // The next bar line passed (seen at the next check).
+        assert!(!prompt_due(
+            Some(&first),
+            &at(40, 2000, 4, Some(20.0)),
+            true
+        ));
+        assert!(prompt_due(
+            Some(&first),
+            &at(400, 2000, 4, Some(20.0)),
+            true
+        ));
+        // Another length.
+        assert!(prompt_due(Some(&first), &at(1, 1000, 2, Some(16.0)), true));
+        // No prompt yet (too little played): retried while audio arrives, not every frame.
+        assert!(!prompt_due(
+            Some(&first),
+            &at(100, 5000, 4, Some(16.0)),
+            false
+        ));
+        assert!(prompt_due(
+            Some(&first),
+            &at(400, 5000, 4, Some(16.0)),
+            false
+        ));
+        assert!(!prompt_due(
+            Some(&first),
+            &at(400, 1000, 4, Some(16.0)),
+            false
+        ));
+        // No musical position: the last seconds, refreshed as audio arrives.
+        let free = at(0, 1000, 4, None);
+        assert!(!prompt_due(Some(&free), &at(100, 9000, 4, None), true));
+        assert!(prompt_due(Some(&free), &at(400, 9000, 4, None), true));
+        assert!(!prompt_due(Some(&free), &at(400, 1000, 4, None), true));
+    }
 
     #[test]
     fn the_window_animates_only_while_something_moves() {
