@@ -44,8 +44,10 @@ use segue_engine::service::{
 use segue_engine::stream::StreamConfig;
 
 use crate::capture::{CaptureReader, PromptAnchor, PromptRequest};
+use crate::export::{export_takes, ExportRequest};
 use crate::params::SegueParams;
 use crate::playback::PlayerStatus;
+use crate::status::{Phase, Status};
 use crate::stream::Pace;
 use crate::takes::{
     decode_state, encode_state, quantise_to_state, GenerationInfo, SourceAudio, Take, TakeAnchor,
@@ -77,6 +79,10 @@ pub enum Command {
     Delete(TakeId),
     /// Continue a take from its end: its tail is the prompt, the result one longer take.
     Extend(TakeId),
+    /// Write takes as WAV files; the outcome lands in [`Status::export`].
+    Export(ExportRequest),
+    /// Play a take from its start now, whatever the transport does (`None`: stop auditioning).
+    Audition(Option<TakeId>),
 }
 
 /// What one plugin instance's audio thread, controller thread and editor share.
@@ -95,8 +101,8 @@ pub struct Shared {
     busy: AtomicBool,
     /// [`crate::params::TakesField::loaded`] as of the last time the store was rebuilt from it.
     takes_loaded: AtomicU64,
-    /// A one-line account of the last generation (for the editor and the log).
-    pub status: Mutex<String>,
+    /// What the controller is doing, for the editor ([`Status::line`] for the log).
+    pub status: Mutex<Status>,
     /// The sending end of the command queue (cloned by whoever sends).
     commands_tx: Sender<Command>,
     /// The receiving end, read by the controller thread of the current activation.
@@ -113,7 +119,7 @@ impl Default for Shared {
             generate_at: AtomicU64::new(NO_REQUEST),
             busy: AtomicBool::new(false),
             takes_loaded: AtomicU64::new(0),
-            status: Mutex::new(String::new()),
+            status: Mutex::new(Status::default()),
             commands_tx,
             commands_rx,
         }
@@ -142,8 +148,19 @@ impl Shared {
         let _ = self.commands_tx.send(command);
     }
 
+    /// Records a notice in plain words (something that went wrong outside a generation).
     fn set_status(&self, text: String) {
-        *self.status.lock() = text;
+        self.status.lock().set_notice(Some(text));
+    }
+
+    /// Moves the generation to `phase`.
+    fn set_phase(&self, phase: Phase) {
+        self.status.lock().set_phase(phase);
+    }
+
+    /// The status in one line (for the log).
+    pub fn status_line(&self) -> String {
+        self.status.lock().line()
     }
 }
 
@@ -400,8 +417,13 @@ impl Worker {
 
     fn fail(&mut self, message: String) {
         nice_warn!("generation failed: {message}");
-        self.shared
-            .set_status(format!("Generation failed: {message}"));
+        self.end(Phase::Failed(message));
+    }
+
+    /// Ends the current generation in `phase`, discarding what it streamed so far unless it
+    /// finished (see [`Worker::discard`]).
+    fn end(&mut self, phase: Phase) {
+        self.shared.set_phase(phase);
         if let Some(job) = self.job.take() {
             self.discard(job);
         }
@@ -441,6 +463,32 @@ impl Worker {
                 Ok(())
             }
             Command::Extend(id) => self.extend(id),
+            Command::Export(request) => {
+                // Copies of the audio, so the store's lock is not held while files are written.
+                let takes: Vec<_> = {
+                    let store = self.shared.store.lock();
+                    request
+                        .takes
+                        .iter()
+                        .filter_map(|id| store.get(*id))
+                        .map(|e| (e.name.clone(), e.source.clone(), e.take.clone()))
+                        .collect()
+                };
+                let outcome = export_takes(&request, &takes).map_err(|e| e.to_string());
+                if let Err(e) = &outcome {
+                    nice_warn!("export failed: {e}");
+                }
+                let mut status = self.shared.status.lock();
+                status.export = Some(outcome);
+                status.revision += 1;
+                Ok(())
+            }
+            Command::Audition(id) => self
+                .shared
+                .store
+                .lock()
+                .audition(id)
+                .map_err(|e| format!("cannot audition the take: {e}")),
         }
     }
 
@@ -482,7 +530,7 @@ impl Worker {
         let request = self.request(prompt, duration_s, 1, &mut info);
         self.submit(request, anchor, info, JobKind::Extend { id, source })?;
         self.shared.busy.store(true, Ordering::Release);
-        self.shared.set_status("Extending…".to_owned());
+        self.shared.set_phase(Phase::Starting);
         Ok(())
     }
 
@@ -616,7 +664,7 @@ impl Worker {
         };
         let request = self.request(audio, duration_s, takes, &mut info);
         self.submit(request, anchor, info, JobKind::New)?;
-        self.shared.set_status("Generating…".to_owned());
+        self.shared.set_phase(Phase::Starting);
         Ok(())
     }
 
@@ -638,15 +686,33 @@ impl Worker {
                 }
             }
             EventKind::Failed(reason) => self.fail(reason),
-            EventKind::Cancelled => self.fail("cancelled".to_owned()),
+            EventKind::Cancelled => self.end(Phase::Cancelled),
             EventKind::Progress {
                 step,
                 total,
                 steps_per_s,
             } => {
                 self.progress(step, total, steps_per_s);
-                self.shared
-                    .set_status(format!("Generating… {step}/{total}"));
+                self.shared.set_phase(Phase::Generating {
+                    step,
+                    total,
+                    steps_per_s,
+                });
+            }
+            EventKind::Load(stage) => self.shared.set_phase(Phase::from_load(stage)),
+            EventKind::ModelReady(info) => {
+                let mut status = self.shared.status.lock();
+                status.model = Some(info.spec.source.clone());
+                status.device = Some(info.device.clone());
+                if status.device_note.is_some() && !info.device.starts_with("cpu") {
+                    status.device_note = None;
+                }
+                status.revision += 1;
+            }
+            EventKind::DeviceFallback { reason, .. } => {
+                let mut status = self.shared.status.lock();
+                status.device_note = Some(format!("running on the CPU: {reason}"));
+                status.revision += 1;
             }
             EventKind::Chunk {
                 take,
@@ -916,6 +982,7 @@ impl Worker {
             let audio = build_take(id, self.sample_rate, job.anchor.as_ref(), &source)?;
             built.push((i, id, source, audio, info));
         }
+        let count = built.len();
         let mut store = self.shared.store.lock();
         for (i, id, source, take, info) in built {
             let number = store.entries().len() + 1;
@@ -935,7 +1002,7 @@ impl Worker {
         }
         save_store(&store, &self.params);
         drop(store);
-        self.shared.set_status("Take ready".to_owned());
+        self.shared.set_phase(Phase::Ready { takes: count });
         Ok(())
     }
 }
@@ -1379,9 +1446,9 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(300), "no end");
             w.step();
         }
-        assert!(!w.shared.busy(), "{}", w.shared.status.lock());
+        assert!(!w.shared.busy(), "{}", w.shared.status_line());
         let store = w.shared.store.lock();
-        assert_eq!(store.entries().len(), 1, "{}", w.shared.status.lock());
+        assert_eq!(store.entries().len(), 1, "{}", w.shared.status_line());
         let e = store.get(id).unwrap();
         let added = continuation_frames(f64::from(bars) * 2.0);
         assert_eq!(e.source.frames(), old.len() + added);
@@ -1410,5 +1477,99 @@ mod tests {
         assert!(errors.is_empty());
         assert_eq!(restored.entries()[0].take.to_planar(), live);
         assert_eq!(restored.entries()[0].anchor, Some(anchor()));
+    }
+}
+
+#[cfg(test)]
+mod command_tests {
+    //! Editor commands through the controller thread.
+
+    use super::*;
+    use crate::export::{ExportRate, ExportRequest};
+    use segue_engine::audio::read_wav;
+    use std::time::Instant;
+
+    /// A store with one take "Riff" (host rate 48 kHz, source at 32 kHz).
+    fn shared_with_a_take() -> (Arc<Shared>, TakeId, Vec<Vec<f32>>) {
+        let shared = Arc::new(Shared::default());
+        let source = SourceAudio {
+            sample_rate: MODEL_RATE,
+            channels: vec![(0..3_200)
+                .map(|i| ((i % 50) as f32 - 25.0) / 64.0)
+                .collect()],
+        };
+        let id = TakeId::fresh();
+        let take = build_take(id, 48_000.0, None, &source).unwrap();
+        let planar = take.to_planar();
+        shared.store.lock().insert(TakeEntry {
+            id,
+            name: "Riff".into(),
+            info: GenerationInfo::default(),
+            anchor: None,
+            source,
+            take,
+        });
+        (shared, id, planar)
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(POLL);
+        }
+    }
+
+    #[test]
+    fn editor_commands_reach_the_store_and_report_back() {
+        let (shared, id, planar) = shared_with_a_take();
+        let params = Arc::new(SegueParams::default());
+        let mut controller = Controller::start(shared.clone(), params.clone(), 48_000.0).unwrap();
+        let folder = std::env::temp_dir().join(format!("segue-cmd-export-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&folder);
+
+        shared.send(Command::Rename(id, "Chorus".into()));
+        shared.send(Command::Export(ExportRequest {
+            takes: vec![id],
+            folder: folder.clone(),
+            rate: ExportRate::Host,
+        }));
+        wait_for("no export report", || shared.status.lock().export.is_some());
+        let report = shared.status.lock().export.clone().unwrap().unwrap();
+        assert_eq!(report.files, vec![folder.join("Chorus.wav")]);
+        let back = read_wav(&report.files[0]).unwrap();
+        assert_eq!(back.sample_rate, 48_000);
+        assert_eq!(back.channels, planar);
+        // The rename was saved in the persisted takes too.
+        assert!(params.takes.json().contains("Chorus"));
+
+        // A folder that cannot be made is reported in plain words, not a panic.
+        let blocker = folder.join("file");
+        std::fs::write(&blocker, b"x").unwrap();
+        shared.send(Command::Export(ExportRequest {
+            takes: vec![id],
+            folder: blocker.join("sub"),
+            rate: ExportRate::Model,
+        }));
+        wait_for("no failed export", || {
+            matches!(shared.status.lock().export, Some(Err(_)))
+        });
+        let Some(Err(e)) = shared.status.lock().export.clone() else {
+            unreachable!()
+        };
+        assert!(e.starts_with("cannot create the folder"), "{e}");
+
+        shared.send(Command::Delete(id));
+        wait_for("take not deleted", || {
+            shared.store.lock().entries().is_empty()
+        });
+        shared.send(Command::Audition(Some(id)));
+        wait_for("no notice for a missing take", || {
+            shared.status.lock().notice.is_some()
+        });
+        let notice = shared.status.lock().notice.clone().unwrap();
+        assert!(notice.starts_with("cannot audition the take"), "{notice}");
+        controller.stop();
+        std::fs::remove_dir_all(&folder).unwrap();
     }
 }

@@ -15,8 +15,10 @@ pub mod capture;
 pub mod controller;
 pub mod dsp;
 pub mod editor;
+pub mod export;
 pub mod params;
 pub mod playback;
+pub mod status;
 pub mod stream;
 pub mod takes;
 pub mod transport;
@@ -128,7 +130,10 @@ impl Plugin for Segue {
     }
 
     fn editor(&mut self, _async_executor: AsyncExecutor<Self>) -> Option<Self::Editor> {
-        Some(editor::SegueEditor::new(self.params.clone()))
+        Some(editor::SegueEditor::new(
+            self.params.clone(),
+            self.shared.clone(),
+        ))
     }
 
     fn filter_state(state: &mut PluginState) {

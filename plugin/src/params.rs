@@ -30,8 +30,8 @@ pub const GAIN_SMOOTHING_MS: f32 = 20.0;
 
 /// Default editor size in logical pixels (width, height).
 pub const DEFAULT_EDITOR_SIZE: EditorSize = EditorSize {
-    width: 640,
-    height: 400,
+    width: 1000,
+    height: 660,
 };
 
 /// Environment variable naming the default model (a Hub id or a local folder) of new instances,

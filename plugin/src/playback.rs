@@ -117,6 +117,9 @@ pub enum PlayerCommand {
     },
     /// Fades out whatever plays and forgets pending launches and notes.
     Stop,
+    /// Plays this take from its first frame now, on its own voice, whatever the mode and the
+    /// transport do (the editor's audition); `None` fades the audition out.
+    Audition(Option<Arc<Take>>),
 }
 
 /// What the player reports, for the editor (playhead) and the generation thread (underruns).
@@ -127,6 +130,8 @@ pub struct PlayerStatus {
     underruns: AtomicU64,
     waiting: AtomicBool,
     rate_mismatch: AtomicBool,
+    audition_take: AtomicU64,
+    audition_frame: AtomicU64,
 }
 
 impl PlayerStatus {
@@ -157,6 +162,14 @@ impl PlayerStatus {
     /// must be rebuilt for the host rate.
     pub fn rate_mismatch(&self) -> bool {
         self.rate_mismatch.load(Ordering::Relaxed)
+    }
+
+    /// The take being auditioned and its next frame, if any.
+    pub fn auditioning(&self) -> Option<(TakeId, u64)> {
+        match self.audition_take.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some((TakeId(id), self.audition_frame.load(Ordering::Relaxed))),
+        }
     }
 }
 
@@ -201,6 +214,7 @@ pub fn player_pair(sample_rate: f64) -> (Player, PlayerHandle) {
         pending_note: None,
         main: Voice::default(),
         tails: Default::default(),
+        audition: Default::default(),
         events: [TimedEvent::default(); MAX_EVENTS],
         n_events: 0,
         last_end_beats: None,
@@ -479,6 +493,8 @@ pub struct Player {
     pending_note: Option<(u8, f32)>,
     main: Voice,
     tails: [Voice; TAILS],
+    /// The editor's audition, independent of the modes, and the one it replaced (fading out).
+    audition: [Voice; 2],
     events: [TimedEvent; MAX_EVENTS],
     n_events: usize,
     /// Where the previous block ended, in beats, when it played with a musical position.
@@ -523,7 +539,7 @@ impl Player {
     /// Forgets every voice, pending launch and note (host `reset()`).
     pub fn reset(&mut self) {
         self.main = Voice::default();
-        for t in &mut self.tails {
+        for t in self.tails.iter_mut().chain(&mut self.audition) {
             *t = Voice::default();
         }
         self.launch_pending = false;
@@ -563,6 +579,9 @@ impl Player {
                 PlaybackMode::NextBar => self.next_bar(out, n, transport.playing, grid, settings),
                 PlaybackMode::Midi => self.midi(out, n, grid, settings),
             }
+            for voice in &mut self.audition {
+                voice.render(out, 0, n, self.fade);
+            }
         }
         self.last_end_beats = grid.map(|g| block_end_beats(g.pos_beats, n, g.samples_per_beat));
         self.n_events = 0;
@@ -575,6 +594,11 @@ impl Player {
         s.take.store(id, Ordering::Relaxed);
         s.frame.store(self.main.pos as u64, Ordering::Relaxed);
         s.waiting.store(self.main.starved, Ordering::Relaxed);
+        let audition = &self.audition[0];
+        let id = audition.take.as_ref().map_or(0, |t| t.id().0);
+        s.audition_take.store(id, Ordering::Relaxed);
+        s.audition_frame
+            .store(audition.pos as u64, Ordering::Relaxed);
     }
 
     fn drain_commands(&mut self, mode: PlaybackMode) {
@@ -625,6 +649,16 @@ impl Player {
                     self.cut_main();
                     self.launch_pending = false;
                     self.pending_note = None;
+                }
+                PlayerCommand::Audition(take) => {
+                    // The fading voice it replaces is dropped here: not the last reference.
+                    let mut old = mem::take(&mut self.audition[0]);
+                    old.release(self.fade);
+                    self.audition[1] = old;
+                    let rate = self.sample_rate;
+                    if let Some(take) = take.filter(|t| t.sample_rate() == rate) {
+                        self.audition[0] = Voice::start(take, 0, None, 1.0);
+                    }
                 }
             }
         }
@@ -1966,5 +2000,52 @@ mod tests {
             handle.send(PlayerCommand::Stop),
             Err(PlayerCommand::Stop)
         ));
+    }
+
+    #[test]
+    fn audition_plays_from_the_start_whatever_the_transport() {
+        for &sr in &[44_100.0, 48_000.0] {
+            for blocks in BLOCKS {
+                let (mut player, mut handle) = player_pair(sr);
+                let fade = player.fade_frames();
+                let mut sim = Sim::new(sr, 120.0, blocks);
+                // Stopped, far from the take's anchor, in timeline mode: the selection is silent
+                // but the audition sounds from its first frame on the next block's first sample.
+                sim.playing = false;
+                let audio = take_audio(6_000);
+                let take = Take::complete(TakeId::fresh(), sr, Some(64.0), &audio).unwrap();
+                select(&mut handle, &take, None);
+                sim.run(&mut player, &timeline(), 300);
+                assert!(sim.out[0].iter().all(|&x| x == 0.0));
+                assert!(handle
+                    .send(PlayerCommand::Audition(Some(take.clone())))
+                    .is_ok());
+                let s = sim.frame();
+                sim.run(&mut player, &timeline(), 8_000);
+                for j in 0..6_000 {
+                    let want = audio[0][j] * tail(6_000 - j, fade);
+                    assert_eq!(sim.out[0][s + j], want, "frame {j}");
+                    assert_eq!(sim.out[1][s + j], -want, "frame {j}");
+                }
+                assert!(sim.out[0][s + 6_000..].iter().all(|&x| x == 0.0));
+                assert_eq!(player.status.auditioning(), None, "ended with the take");
+
+                // Stopping an audition fades it out.
+                assert!(handle
+                    .send(PlayerCommand::Audition(Some(take.clone())))
+                    .is_ok());
+                sim.run(&mut player, &timeline(), 1_000);
+                assert_eq!(
+                    player.status.auditioning().map(|(id, _)| id),
+                    Some(take.id())
+                );
+                assert!(handle.send(PlayerCommand::Audition(None)).is_ok());
+                let s = sim.frame();
+                sim.run(&mut player, &timeline(), fade + 100);
+                assert_ne!(sim.out[0][s], 0.0);
+                assert!(sim.out[0][s + fade..].iter().all(|&x| x == 0.0));
+                assert_eq!(player.status.auditioning(), None);
+            }
+        }
     }
 }

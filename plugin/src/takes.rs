@@ -616,6 +616,16 @@ impl TakeStore {
         Ok(())
     }
 
+    /// Plays a take from its start now on the player's audition voice, whatever the mode and
+    /// the transport (`None`: fade the audition out).
+    pub fn audition(&mut self, id: Option<TakeId>) -> Result<(), StoreError> {
+        let take = match id {
+            Some(id) => Some(self.get(id).ok_or(StoreError::NoSuchTake(id))?.take.clone()),
+            None => None,
+        };
+        self.send(PlayerCommand::Audition(take))
+    }
+
     /// Renames a take.
     pub fn rename(&mut self, id: TakeId, name: &str) -> Result<(), StoreError> {
         let entry = self
@@ -753,7 +763,8 @@ impl TakeStore {
     fn send(&mut self, command: PlayerCommand) -> Result<(), StoreError> {
         if let PlayerCommand::Select {
             take: Some(take), ..
-        } = &command
+        }
+        | PlayerCommand::Audition(Some(take)) = &command
         {
             // The store must hold every take the player can hold (see the module comment).
             debug_assert!(self.entries.iter().any(|e| Arc::ptr_eq(&e.take, take)));

@@ -213,6 +213,55 @@ impl EditorWindow {
         Ok(())
     }
 
+    /// Clicks the left mouse button at (`x`, `y`) pixels in the embedded editor (the host
+    /// window's first child), as a user would: the pointer moves there and the button goes down
+    /// and up, through the XTEST extension, so the editor receives ordinary input events.
+    pub fn click(&self, x: i16, y: i16) -> Result<()> {
+        use x11rb::protocol::xproto::{
+            BUTTON_PRESS_EVENT, BUTTON_RELEASE_EVENT, MOTION_NOTIFY_EVENT,
+        };
+        use x11rb::protocol::xtest::ConnectionExt as _;
+        let conn = &self.x.conn;
+        let children = conn
+            .query_tree(self.id)
+            .context("X: query_tree")?
+            .reply()
+            .context("X: query_tree reply")?
+            .children;
+        let target = children.first().copied().unwrap_or(self.id);
+        // On top of any other window, so the click lands here.
+        conn.configure_window(
+            self.id,
+            &ConfigureWindowAux::new().stack_mode(x11rb::protocol::xproto::StackMode::ABOVE),
+        )
+        .context("X: raise the window")?;
+        let at = conn
+            .translate_coordinates(target, self.x.root(), x, y)
+            .context("X: translate_coordinates")?
+            .reply()
+            .context("X: translate_coordinates reply")?;
+        let root = self.x.root();
+        let (rx, ry) = (at.dst_x, at.dst_y);
+        conn.xtest_fake_input(MOTION_NOTIFY_EVENT, 0, x11rb::CURRENT_TIME, root, rx, ry, 0)
+            .context("X: XTEST motion (does the server have the XTEST extension?)")?;
+        conn.sync_and_pause()?;
+        conn.xtest_fake_input(BUTTON_PRESS_EVENT, 1, x11rb::CURRENT_TIME, root, rx, ry, 0)
+            .context("X: XTEST button press")?;
+        conn.sync_and_pause()?;
+        conn.xtest_fake_input(
+            BUTTON_RELEASE_EVENT,
+            1,
+            x11rb::CURRENT_TIME,
+            root,
+            rx,
+            ry,
+            0,
+        )
+        .context("X: XTEST button release")?;
+        conn.sync_and_pause()?;
+        Ok(())
+    }
+
     /// A screenshot of the embedded editor: the host window's first child (the editor's own
     /// window, in its own visual), or the host window when it has no child yet.
     pub fn screenshot(&self) -> Result<Screenshot> {
@@ -307,6 +356,23 @@ impl EditorWindow {
             .destroy_window(self.id)
             .context("X: destroy_window")?;
         self.x.conn.flush().context("X: flush")?;
+        Ok(())
+    }
+}
+
+/// A round trip (so the server has processed every request) and a short pause (so the editor's
+/// own event loop, on its own connection, sees each input event in a frame of its own).
+trait SyncAndPause {
+    fn sync_and_pause(&self) -> Result<()>;
+}
+
+impl SyncAndPause for RustConnection {
+    fn sync_and_pause(&self) -> Result<()> {
+        self.get_input_focus()
+            .context("X: get_input_focus")?
+            .reply()
+            .context("X: round trip")?;
+        std::thread::sleep(Duration::from_millis(60));
         Ok(())
     }
 }

@@ -927,6 +927,17 @@ impl PluginInstance {
         }
     }
 
+    /// Clicks at (`x`, `y`) pixels in the open editor (see [`EditorWindow::click`]),
+    /// delivering main-thread callbacks meanwhile.
+    pub fn click_editor(&mut self, x: i16, y: i16) -> Result<()> {
+        self.editor
+            .as_ref()
+            .context("the editor is not open")?
+            .click(x, y)?;
+        self.pump_main_thread();
+        Ok(())
+    }
+
     /// Closes the editor (`gui.destroy`) and destroys the host window.
     pub fn close_editor(&mut self) -> Result<()> {
         let window = self.editor.take().context("the editor is not open")?;
