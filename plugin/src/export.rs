@@ -70,9 +70,17 @@ pub enum ExportError {
     },
 }
 
-/// The folder exports go to unless the user picks another: `Music/Segue` in the user's home
-/// (`$HOME`, or `%USERPROFILE%` on Windows), or `Segue` in the temporary folder without a home.
+/// Environment variable naming the folder exports go to by default (a studio's shared folder;
+/// the tests' scratch folder).
+pub const EXPORT_DIR_ENV: &str = "SEGUE_EXPORT_DIR";
+
+/// The folder exports go to unless the user picks another: `$SEGUE_EXPORT_DIR` when set, else
+/// `Music/Segue` in the user's home (`$HOME`, or `%USERPROFILE%` on Windows), or `Segue` in the
+/// temporary folder without a home.
 pub fn default_export_folder() -> PathBuf {
+    if let Some(dir) = std::env::var_os(EXPORT_DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
     let home = std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var_os("USERPROFILE").filter(|h| !h.is_empty()));
@@ -237,8 +245,9 @@ mod tests {
     #[test]
     fn default_folder_is_music_segue_in_the_home() {
         let folder = default_export_folder();
-        assert!(folder.ends_with("Segue"), "{}", folder.display());
-        if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        if let Some(dir) = std::env::var_os(EXPORT_DIR_ENV).filter(|d| !d.is_empty()) {
+            assert_eq!(folder, PathBuf::from(dir));
+        } else if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
             assert_eq!(folder, PathBuf::from(home).join("Music").join("Segue"));
         }
     }

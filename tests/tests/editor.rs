@@ -176,16 +176,22 @@ fn editor_size_follows_the_host_and_is_saved() -> Result<()> {
 }
 
 /// Points every instance of this test process at the tiny mono checkpoint (only this file's
-/// generation test needs it; the others only show its name).
-fn use_tiny_model() {
+/// generation tests need it; the others only show its name), and their exports at a scratch
+/// folder under `target/` (never the user's music folder).
+fn use_tiny_model() -> std::path::PathBuf {
     static ONCE: std::sync::Once = std::sync::Once::new();
+    let exports = target_dir()
+        .expect("no target folder")
+        .join(format!("editor-exports-{}", std::process::id()));
     ONCE.call_once(|| {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../engine/fixtures/tiny-musicgen-mono")
             .canonicalize()
             .expect("the tiny fixture checkpoint is missing");
         std::env::set_var(segue::params::MODEL_ENV, dir);
+        std::env::set_var(segue::export::EXPORT_DIR_ENV, &exports);
     });
+    exports
 }
 
 /// The number of takes in the plugin's saved state.
@@ -346,7 +352,7 @@ fn the_generate_button_makes_a_take_at_the_last_bar_line() -> Result<()> {
         return Ok(());
     };
     let _turn = one_window_at_a_time();
-    use_tiny_model();
+    let exports = use_tiny_model();
     let (rate, tempo) = (44_100.0, 120.0);
     let lib = PluginLibrary::segue()?;
     let mut plugin = lib.instantiate()?;
@@ -403,6 +409,44 @@ fn the_generate_button_makes_a_take_at_the_last_bar_line() -> Result<()> {
         heard += out[0].iter().filter(|x| x.abs() > 1e-4).count();
         std::thread::sleep(Duration::from_millis(5));
     }
+
+    // "Export all" writes the take, as the plugin plays it, into the export folder.
+    let bar = Layout::for_size(size.0 as f32, size.1 as f32).export;
+    plugin.click_editor((bar.x + 157.0) as i16, (bar.y + 40.0) as i16)?;
+    let file = exports.join("Take 1.wav");
+    let start = Instant::now();
+    while !file.exists() {
+        ensure!(
+            start.elapsed() < DRAW_TIMEOUT,
+            "nothing was exported to {}",
+            exports.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let wav = segue_engine::audio::read_wav(&file)?;
+    assert_eq!(wav.sample_rate, 44_100);
+    let saved = &state.takes[0].source;
+    let host_frames = (saved.frames() as f64 * rate / f64::from(saved.sample_rate)).round();
+    assert_eq!(
+        wav.frames() as f64,
+        host_frames,
+        "the whole take at the host rate"
+    );
+    assert_eq!(wav.channels.len(), saved.channels.len());
+    // Sample for sample what the plugin plays: the saved 32 kHz source resampled as it does.
+    let played = segue_engine::audio::resample(
+        &segue_engine::audio::Audio {
+            sample_rate: saved.sample_rate,
+            channels: saved.channels.clone(),
+        },
+        44_100,
+    )?;
+    assert_eq!(wav.channels, played.channels);
+    assert!(
+        wav.channels[0].iter().any(|x| x.abs() > 1e-3),
+        "not silence"
+    );
+    std::fs::remove_dir_all(&exports)?;
 
     // The row's Delete button, the rightmost of the first row of the take list.
     plugin.click_editor((list.right() - 34.0) as i16, (list.y + 40.0) as i16)?;

@@ -787,15 +787,33 @@ impl SegueApp {
             .iter()
             .any(|c| c.id == *self.params.model.read());
         if !is_choice || self.model_text.is_empty() {
-            let field = ui.add(
-                egui::TextEdit::singleline(&mut self.model_text)
-                    .desired_width(f32::INFINITY)
-                    .hint_text("/path/to/model folder or owner/name"),
-            );
-            let commit = field.lost_focus() || ui.input(|i| i.key_pressed(egui::Key::Enter));
-            if commit && !self.model_text.trim().is_empty() {
+            let choosing = self.memory.lock().choosing;
+            let field = ui
+                .horizontal(|ui| {
+                    let field = ui.add_enabled(
+                        !choosing,
+                        egui::TextEdit::singleline(&mut self.model_text)
+                            .desired_width(ui.available_width() - 76.0)
+                            .hint_text("/path/to/model folder or owner/name"),
+                    );
+                    if ui
+                        .add_enabled(!choosing, egui::Button::new("Choose…"))
+                        .on_hover_text("Pick a model folder (config.json, weights, tokenizer)")
+                        .clicked()
+                    {
+                        let model = self.params.model.clone();
+                        let start = take_list::expand_home(self.model_text.trim());
+                        self.choose_folder("Model folder", start, move |folder| {
+                            *model.write() = folder.display().to_string();
+                        });
+                    }
+                    field
+                })
+                .inner;
+            // (A single-line field loses focus on Enter too.)
+            if field.lost_focus() && !self.model_text.trim().is_empty() {
                 *self.params.model.write() = self.model_text.trim().to_owned();
-            } else if !field.has_focus() && !self.model_text.is_empty() {
+            } else if !field.has_focus() && (!self.model_text.is_empty() || !is_choice) {
                 let saved = self.params.model.read();
                 if *saved != self.model_text {
                     self.model_text = saved.clone();
@@ -1198,26 +1216,29 @@ impl SegueApp {
     }
 
     /// Opens the system's folder dialog on its own thread (it blocks until the user picks), so
-    /// the window keeps drawing; the pick lands in the export folder field.
-    fn choose_folder(&self) {
+    /// the window keeps drawing; `deliver` gets the folder picked, if any.
+    fn choose_folder(
+        &self,
+        title: &'static str,
+        start: std::path::PathBuf,
+        deliver: impl FnOnce(std::path::PathBuf) + Send + 'static,
+    ) {
         let memory = self.memory.clone();
-        let start = take_list::expand_home(&memory.lock().export_folder);
         memory.lock().choosing = true;
         let spawned = std::thread::Builder::new()
             .name("segue-folder-dialog".into())
             .spawn({
                 let memory = memory.clone();
                 move || {
-                    let mut dialog = rfd::AsyncFileDialog::new().set_title("Export takes to");
+                    let mut dialog = rfd::AsyncFileDialog::new().set_title(title);
                     if start.is_dir() {
                         dialog = dialog.set_directory(&start);
                     }
                     let picked = pollster::block_on(dialog.pick_folder());
-                    let mut memory = memory.lock();
-                    memory.choosing = false;
                     if let Some(folder) = picked {
-                        memory.export_folder = folder.path().display().to_string();
+                        deliver(folder.path().to_path_buf());
                     }
+                    memory.lock().choosing = false;
                 }
             });
         if let Err(e) = spawned {
@@ -1270,7 +1291,11 @@ impl SegueApp {
                 .on_hover_text("Pick the folder in the system's dialog")
                 .clicked()
             {
-                self.choose_folder();
+                let memory = self.memory.clone();
+                let start = take_list::expand_home(&memory.lock().export_folder);
+                self.choose_folder("Export takes to", start, move |folder| {
+                    memory.lock().export_folder = folder.display().to_string();
+                });
             }
             let mut memory = self.memory.lock();
             let host_label = match host_rate {
