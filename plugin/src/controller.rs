@@ -31,19 +31,19 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use nice_plug::prelude::*;
 use parking_lot::Mutex;
 use segue_engine::audio::{resample, Audio, StreamResampler};
-use segue_engine::sampling::SamplingParams;
 use segue_engine::service::{
     Client, DTypeChoice, DeviceChoice, Engine, EventKind, GenerateRequest, JobId, ModelSpec, Policy,
 };
 use segue_engine::stream::StreamConfig;
 
 use crate::capture::{CaptureReader, PromptAnchor, PromptRequest};
+use crate::editor::settings;
 use crate::export::{export_takes, ExportRequest};
 use crate::params::SegueParams;
 use crate::playback::PlayerStatus;
@@ -546,19 +546,10 @@ impl Worker {
         let params = &*self.params;
         let model = params.model.read().clone();
         let text = params.prompt_text.read().clone();
-        let settings = params.sampling.read().clone();
-        let seed = settings.seed.unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-        });
-        let sampling = SamplingParams {
-            greedy: settings.greedy,
-            temperature: settings.temperature,
-            top_k: settings.top_k,
-            top_p: settings.top_p,
-            guidance_scale: settings.guidance_scale,
-        };
+        // The editor's ranges: whatever a project or automation holds makes a valid request.
+        let settings = settings::clamped(&params.sampling.read());
+        let seed = settings.seed.unwrap_or_else(settings::random_seed);
+        let sampling = settings::sampling_params(&settings);
         info.model = model.clone();
         info.text = text.clone();
         info.seed = Some(seed);
@@ -1131,7 +1122,7 @@ mod tests {
                 model: String::new(),
                 text: String::new(),
                 seed: 99,
-                sampling: SamplingParams::default(),
+                sampling: segue_engine::sampling::SamplingParams::default(),
                 prompt_s: 0.0,
                 duration_s: 0.0,
                 generation_s: 0.0,
