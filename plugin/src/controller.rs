@@ -927,6 +927,8 @@ impl Worker {
         takes: Vec<segue_engine::service::Take>,
     ) -> Result<(), String> {
         let mut built = Vec::new();
+        // Takes completed by this call (streamed ones included), for the status.
+        let mut count = 0;
         for (i, take) in takes.into_iter().enumerate() {
             if job.gone.get(i).copied().unwrap_or(false) {
                 continue;
@@ -955,6 +957,7 @@ impl Worker {
                 let _ = store.set_info(g.id, info);
                 drop(store);
                 g.writer.finish();
+                count += 1;
                 continue;
             }
             if !matches!(job.kind, JobKind::New) {
@@ -973,7 +976,7 @@ impl Worker {
             let audio = build_take(id, self.sample_rate, job.anchor.as_ref(), &source)?;
             built.push((i, id, source, audio, info));
         }
-        let count = built.len();
+        count += built.len();
         let mut store = self.shared.store.lock();
         for (i, id, source, take, info) in built {
             let number = store.entries().len() + 1;
@@ -1211,6 +1214,8 @@ mod tests {
         w.handle(7, chunk(cuts[2], &audio[cuts[2]..cuts[3]]));
         w.handle(7, finished(&audio));
         assert!(w.job.is_none());
+        // The streamed take counts as made.
+        assert_eq!(w.shared.status.lock().phase, Phase::Ready { takes: 1 });
         let store = w.shared.store.lock();
         let e = store.get(id).unwrap();
         assert!(!store.is_growing(id));
