@@ -19,51 +19,110 @@ const BLOCK: usize = 64;
 
 struct MatVec;
 
-/// `acc[r] = sum_i w[i] * x[r][i]` over one weight row, eight lanes at a time.
+/// The output buffer, shared by the parallel tasks, each writing its own columns.
+struct SendPtr(*mut f32);
+// SAFETY: the tasks write disjoint elements and the buffer outlives them (joined before use).
+unsafe impl Sync for SendPtr {}
+
+/// `out[r] = sum_i w[i] * x[r][i]` over one weight row `w` (length `n`) and `R` activation
+/// rows `x` (`R * n`), eight lanes at a time with two independent accumulators per row.
 #[inline(always)]
-fn dot_rows(w: &[f32], x: &[f32], rows: usize, out: &mut [f32]) {
+fn dot_rows_generic<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
     let n = w.len();
     let main = n - n % 8;
-    for (r, o) in out.iter_mut().enumerate().take(rows) {
-        let xr = &x[r * n..(r + 1) * n];
-        let mut acc = [0f32; 8];
-        for (wc, xc) in w[..main].chunks_exact(8).zip(xr[..main].chunks_exact(8)) {
+    let mut acc = [[0f32; 8]; R];
+    for (c, wc) in w[..main].chunks_exact(8).enumerate() {
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xc = &x[r * n + c * 8..r * n + c * 8 + 8];
             for j in 0..8 {
-                acc[j] = wc[j].mul_add(xc[j], acc[j]);
+                a[j] = wc[j].mul_add(xc[j], a[j]);
             }
         }
-        let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    }
+    for (r, (a, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
+        let mut s = (a[0] + a[4]) + (a[1] + a[5]) + ((a[2] + a[6]) + (a[3] + a[7]));
         for i in main..n {
-            s = w[i].mul_add(xr[i], s);
+            s = w[i].mul_add(x[r * n + i], s);
         }
         *o = s;
     }
 }
 
-/// One block of output rows: `out` is (block, rows).
-#[inline(always)]
-fn block_generic(w: &[f32], x: &[f32], inner: usize, rows: usize, out: &mut [f32]) {
-    for (wrow, o) in w.chunks_exact(inner).zip(out.chunks_exact_mut(rows)) {
-        dot_rows(wrow, x, rows, o);
-    }
-}
-
+/// [`dot_rows_generic`] with AVX2/FMA intrinsics: each weight vector is loaded once and
+/// multiplied into every activation row, with two accumulator chains per row so that the FMA
+/// latency (4 cycles) does not bound a 1-row or 2-row product.
+///
+/// # Safety
+/// The processor must support AVX2 and FMA; `w.len() == n`, `x.len() >= R * n`,
+/// `out.len() >= R`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(w: &[f32], x: &[f32], inner: usize, rows: usize, out: &mut [f32]) {
-    block_generic(w, x, inner, rows, out)
+unsafe fn dot_rows_avx2<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = w.len();
+    let main = n - n % 16;
+    let wp = w.as_ptr();
+    let xp = x.as_ptr();
+    let mut a0 = [_mm256_setzero_ps(); R];
+    let mut a1 = [_mm256_setzero_ps(); R];
+    let mut i = 0;
+    while i < main {
+        let w0 = _mm256_loadu_ps(wp.add(i));
+        let w1 = _mm256_loadu_ps(wp.add(i + 8));
+        for r in 0..R {
+            let xr = xp.add(r * n + i);
+            a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[r]);
+            a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), a1[r]);
+        }
+        i += 16;
+    }
+    for r in 0..R {
+        let v = _mm256_add_ps(a0[r], a1[r]);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), hi);
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        let mut s = _mm_cvtss_f32(q);
+        for j in main..n {
+            s = w[j].mul_add(x[r * n + j], s);
+        }
+        out[r] = s;
+    }
 }
 
+/// One block of output rows: `w` holds whole weight rows of width `inner`, `out` is
+/// (block, rows).
 fn block(w: &[f32], x: &[f32], inner: usize, rows: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the processor supports the features the function is compiled for.
-            return unsafe { block_avx2(w, x, inner, rows, out) };
-        }
+    macro_rules! run {
+        ($r:literal) => {{
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    for (wrow, o) in w.chunks_exact(inner).zip(out.chunks_exact_mut($r)) {
+                        // SAFETY: the features are present; the slices have the lengths the
+                        // function requires (whole rows, `rows` outputs per weight row).
+                        unsafe { dot_rows_avx2::<$r>(wrow, x, o) };
+                    }
+                    return;
+                }
+            }
+            for (wrow, o) in w.chunks_exact(inner).zip(out.chunks_exact_mut($r)) {
+                dot_rows_generic::<$r>(wrow, x, o);
+            }
+        }};
     }
-    block_generic(w, x, inner, rows, out)
+    match rows {
+        1 => run!(1),
+        2 => run!(2),
+        3 => run!(3),
+        4 => run!(4),
+        5 => run!(5),
+        6 => run!(6),
+        7 => run!(7),
+        _ => run!(8),
+    }
 }
 
 impl candle_core::CustomOp2 for MatVec {
@@ -94,17 +153,25 @@ impl candle_core::CustomOp2 for MatVec {
                 l2.shape()
             );
         }
-        // (out, rows), filled in parallel blocks of output rows.
-        let mut tmp = vec![0f32; out_dim * rows];
-        tmp.par_chunks_mut(BLOCK * rows)
-            .zip(w.par_chunks(BLOCK * inner))
-            .for_each(|(o, wb)| block(wb, x, inner, rows, o));
+        // (rows, out): each parallel task computes a block of output columns into a stack
+        // buffer laid out (block, rows) and scatters it into its own columns of `y`.
         let mut y = vec![0f32; rows * out_dim];
-        for (o, vals) in tmp.chunks_exact(rows).enumerate() {
-            for (r, &v) in vals.iter().enumerate() {
-                y[r * out_dim + o] = v;
-            }
-        }
+        let dst = SendPtr(y.as_mut_ptr());
+        w.par_chunks(BLOCK * inner)
+            .enumerate()
+            .for_each(|(bi, wb)| {
+                let n = wb.len() / inner;
+                let mut buf = [0f32; BLOCK * MAX_ROWS];
+                block(wb, x, inner, rows, &mut buf[..n * rows]);
+                let dst = &dst;
+                for (j, vals) in buf[..n * rows].chunks_exact(rows).enumerate() {
+                    for (r, &v) in vals.iter().enumerate() {
+                        // SAFETY: column bi * BLOCK + j < out_dim of row r < rows is inside
+                        // `y`, and no other task writes the columns of block `bi`.
+                        unsafe { *dst.0.add(r * out_dim + bi * BLOCK + j) = v };
+                    }
+                }
+            });
         Ok((CpuStorage::F32(y), Shape::from_dims(&[rows, out_dim])))
     }
 }
