@@ -237,7 +237,8 @@ pub enum WeightFormat {
 ///
 /// Dense: a decoder step (a few rows, f32 on the CPU) goes to [`crate::matvec`]; everything
 /// else is computed as `(W · xᵀ)ᵀ`, which candle's CPU matmul runs several times faster than
-/// `x · Wᵀ` for few rows (measured; see `BENCHMARKS.md`). Quantised: candle's `QMatMul`.
+/// `x · Wᵀ` for few rows (measured; see `BENCHMARKS.md`). Quantised: a Q8_0 step on the CPU
+/// goes to [`crate::matvec::matvec_q8_0`], everything else to candle's `QMatMul`.
 #[derive(Debug, Clone)]
 enum Proj {
     /// (out, in), contiguous.
@@ -310,6 +311,15 @@ impl Proj {
                 w.matmul(&x.t()?)?.t()?.contiguous()
             }
             Self::Quantized { q, quant, .. } => {
+                // A step (few rows) of Q8_0 on the CPU: our kernel (f32 activations, rayon).
+                if let (Quant::Q8_0, QMatMul::QTensor(t), true) = (quant, q, host) {
+                    if x.device().is_cpu()
+                        && x.dtype() == DType::F32
+                        && x.dim(0)? <= crate::matvec::MAX_ROWS
+                    {
+                        return crate::matvec::matvec_q8_0(x, t);
+                    }
+                }
                 // A prefill (many rows) is compute bound: candle's Q8_0 product quantises the
                 // activations and runs ~4× slower than the dense matmul there (measured: 41 s
                 // against 10 s for a 10 s prompt), so the weight is expanded to f32 for that
@@ -553,8 +563,9 @@ impl Decoder {
         &self.cfg
     }
 
-    /// Runs the per-step products on candle's matmul instead of [`crate::matvec`] when `false`
-    /// (slower on the CPU; kept to compare the two). On by default.
+    /// Runs the per-step products on candle's matmul (f32) and `QMatMul` (Q8_0) instead of
+    /// [`crate::matvec`]'s kernels when `false` (slower on the CPU; kept to compare them). On by
+    /// default.
     pub fn set_host_kernels(&mut self, on: bool) {
         self.host_kernels = on;
     }

@@ -30,8 +30,8 @@ pub struct DecoderBenchArgs {
     /// Takes generated together (the decoder batch is twice this with guidance).
     #[arg(long = "decoder-takes", default_value_t = 1)]
     pub takes: usize,
-    /// Per-step products of the f32 row: the host kernel (default), candle's matmul, or both
-    /// (two rows).
+    /// Per-step products of the f32 and q8_0 rows: our CPU kernels (`matvec`, default),
+    /// candle's matmul / `QMatMul`, or both (two rows each).
     #[arg(long = "decoder-kernel", value_enum, default_value = "host")]
     pub kernel: BenchKernel,
     /// Topology: small (24 layers, width 1024, 16 heads, FFN 4096), medium (48 layers, width
@@ -252,8 +252,10 @@ pub fn run(args: &DecoderBenchArgs, device: BenchDevice) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &format in &args.formats {
         let kernels: &[(bool, &str)] = match (format, args.kernel) {
-            (BenchFormat::F32, BenchKernel::Both) => &[(true, ""), (false, ", candle matmul")],
-            (BenchFormat::F32, BenchKernel::Matmul) => &[(false, ", candle matmul")],
+            (BenchFormat::F32 | BenchFormat::Q8_0, BenchKernel::Both) => {
+                &[(true, ""), (false, ", candle")]
+            }
+            (BenchFormat::F32 | BenchFormat::Q8_0, BenchKernel::Matmul) => &[(false, ", candle")],
             _ => &[(true, "")],
         };
         let (dtype, quant) = format.split();
