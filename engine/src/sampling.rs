@@ -337,7 +337,7 @@ impl StepSelector {
         let all = &cpu.as_slice::<f32>()?[o1..o2];
         self.guided.resize(vocab, 0.0);
         let scale = self.sampler.params().guidance_scale;
-        for r in 0..rows {
+        for (r, rng) in rngs.iter_mut().enumerate().take(rows) {
             for c in 0..k {
                 let i = r * k + c;
                 out[i] = match forced[i] {
@@ -349,7 +349,7 @@ impl StepSelector {
                             let u = (rows * k + i) * vocab;
                             guidance_mix(&mut self.guided, &all[u..u + vocab], scale);
                         }
-                        self.sampler.sample(&self.guided, &mut rngs[r])
+                        self.sampler.sample(&self.guided, rng)
                     }
                 };
             }
@@ -386,10 +386,10 @@ impl StepSelector {
         } else {
             // One draw per chosen token, in the host path's order (take, then codebook).
             self.draws.clear();
-            for r in 0..rows {
+            for (r, rng) in rngs.iter_mut().enumerate().take(rows) {
                 for c in 0..k {
                     let u = if forced[r * k + c].is_none() {
-                        rngs[r].next_f64() as f32
+                        rng.next_f64() as f32
                     } else {
                         0.0
                     };
