@@ -9,12 +9,14 @@ Not run by CI. Usage (from the repository root, after a release build):
     .benchvenv/bin/python engine/bench/reference_bench.py --steps 50 [--medium] [--threads 2]
 
 What is timed on the reference: `MusicgenForCausalLM` (the decoder and its four heads) built
-from `MusicgenDecoderConfig` with random weights, f32, `torch.inference_mode()`, KV cache on; a
-12-token condition whose second row is the null condition (mask all zero), as guidance runs it;
-one prefill call over the start column, then `--steps` single-column calls, each fed the
-previous step's argmax (sampling is not part of the timed work on either side). segue's
-figures come from its own bench (`segue bench --only decoder`, same topology, same batch,
-prefill of the start column only), parsed from its table. Prints both and the ratios.
+from `MusicgenDecoderConfig` with random weights (seed 0), f32, `torch.inference_mode()`, KV
+cache on; a 12-token condition whose second row is the null condition (mask all zero), as
+guidance runs it; one prefill call over the start column, then `--steps` single-column calls,
+each fed the previous step's argmax. The random weights are saved as safetensors and segue
+runs on that same checkpoint (`segue bench --only decoder --decoder-checkpoint FILE`, same
+topology, same batch, prefill of the start column only; its steps include token selection
+with the default sampling, guidance 3 and top-k 250). Prints wall and CPU time of both, the
+machine's load average before and after, and the ratios.
 """
 
 import argparse
@@ -22,11 +24,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 
-def reference_steps_per_s(medium: bool, steps: int, threads: int) -> float:
+def reference_steps_per_s(medium: bool, steps: int, threads: int, save: str):
+    """Returns (steps/s wall, CPU ms per step) of the reference; saves its weights to `save`."""
     import torch
+    from safetensors.torch import save_file
     from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 
     torch.set_num_threads(threads)
@@ -38,6 +43,7 @@ def reference_steps_per_s(medium: bool, steps: int, threads: int) -> float:
         cfg = MusicgenDecoderConfig(hidden_size=1024, num_hidden_layers=24,
                                     num_attention_heads=16, ffn_dim=4096)
     model = MusicgenForCausalLM(cfg).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, save)
     k, batch, cond_len = cfg.num_codebooks, 2, 12
     cond = torch.randn(batch, cond_len, cfg.hidden_size)
     mask = torch.zeros(batch, cond_len, dtype=torch.long)
@@ -49,27 +55,31 @@ def reference_steps_per_s(medium: bool, steps: int, threads: int) -> float:
                     encoder_attention_mask=mask, use_cache=True)
         past = out.past_key_values
         ids = out.logits[:, -1].argmax(-1).reshape(batch * k, 1)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
             out = model(input_ids=ids, encoder_hidden_states=cond,
                         encoder_attention_mask=mask, past_key_values=past, use_cache=True)
             past = out.past_key_values
             ids = out.logits[:, -1].argmax(-1).reshape(batch * k, 1)
-        return steps / (time.perf_counter() - t)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        return steps / wall, 1000.0 * cpu / steps
 
 
-def segue_rows(segue: str, medium: bool, steps: int, formats: str) -> dict:
+def segue_rows(segue: str, medium: bool, steps: int, formats: str, checkpoint: str) -> dict:
+    """Runs segue's decoder bench on `checkpoint`; returns {format: (steps/s, CPU ms/step)}."""
     cmd = [segue, "bench", "--only", "decoder", "--decoder-steps", str(steps),
            "--decoder-formats", formats, "--decoder-prompt-seconds", "0",
-           "--decoder-size", "medium" if medium else "small"]
+           "--decoder-size", "medium" if medium else "small",
+           "--decoder-checkpoint", checkpoint]
     print("$", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     print(out)
     rows = {}
     for line in out.splitlines():
-        m = re.match(r"\|\s*([a-z0-9_]+)\s*\|\s*([0-9.]+)\s*\|", line)
-        if m:
-            rows[m.group(1)] = float(m.group(2))
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 12 and re.fullmatch(r"[a-z0-9_]+", cells[0]) and cells[0] != "format":
+            cpu = float(cells[11]) if cells[11] != "?" else float("nan")
+            rows[cells[0]] = (float(cells[1]), cpu)
     return rows
 
 
@@ -84,17 +94,19 @@ def main() -> None:
 
     load = os.getloadavg()
     print(f"load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
-    ref = reference_steps_per_s(args.medium, args.steps, args.threads)
-    print(f"reference (transformers, torch {args.threads} threads, f32): {ref:.2f} steps/s",
-          flush=True)
-    rows = segue_rows(args.segue, args.medium, args.steps, args.formats)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, "decoder.safetensors")
+        ref, ref_cpu = reference_steps_per_s(args.medium, args.steps, args.threads, checkpoint)
+        print(f"reference (transformers, torch {args.threads} threads, f32): {ref:.2f} steps/s, "
+              f"CPU {ref_cpu:.1f} ms/step", flush=True)
+        rows = segue_rows(args.segue, args.medium, args.steps, args.formats, checkpoint)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    print("| implementation | steps/s | × reference f32 |")
-    print("|---|---|---|")
-    print(f"| reference f32 | {ref:.2f} | 1.00 |")
-    for name, sps in rows.items():
-        print(f"| segue {name} | {sps:.2f} | {sps / ref:.2f} |")
+    print("| implementation | steps/s (wall) | × reference | CPU ms/step | reference CPU ÷ this |")
+    print("|---|---|---|---|---|")
+    print(f"| reference f32 | {ref:.2f} | 1.00 | {ref_cpu:.1f} | 1.00 |")
+    for name, (sps, cpu) in rows.items():
+        print(f"| segue {name} | {sps:.2f} | {sps / ref:.2f} | {cpu:.1f} | {ref_cpu / cpu:.2f} |")
     if not rows:
         sys.exit("no rows parsed from segue bench")
 

@@ -219,6 +219,9 @@ impl std::fmt::Display for Quant {
     }
 }
 
+/// Positions a prefill feeds per pass (see [`Decoder::forward`]).
+pub const PREFILL_CHUNK: usize = 64;
+
 /// Rows above which a Q8_0 product is computed on the expanded f32 weight (see
 /// [`Proj::forward`]); decoder steps have 2 per take.
 const PREFILL_ROWS: usize = 32;
@@ -234,7 +237,8 @@ pub enum WeightFormat {
 ///
 /// Dense: a decoder step (a few rows, f32 on the CPU) goes to [`crate::matvec`]; everything
 /// else is computed as `(W · xᵀ)ᵀ`, which candle's CPU matmul runs several times faster than
-/// `x · Wᵀ` for few rows (measured; see `BENCHMARKS.md`). Quantised: candle's `QMatMul`.
+/// `x · Wᵀ` for few rows (measured; see `BENCHMARKS.md`). Quantised: a Q8_0 step on the CPU
+/// goes to [`crate::matvec::matvec_q8_0`], everything else to candle's `QMatMul`.
 #[derive(Debug, Clone)]
 enum Proj {
     /// (out, in), contiguous.
@@ -249,11 +253,13 @@ enum Proj {
 
 impl Proj {
     fn load(vb: &VarBuilder, out_dim: usize, in_dim: usize) -> candle_core::Result<Tensor> {
-        vb.get_with_hints(
-            (out_dim, in_dim),
-            "weight",
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )
+        Ok(vb
+            .get_with_hints(
+                (out_dim, in_dim),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?
+            .detach())
     }
 
     /// Stacks several `(out_i, in)` matrices into one `(sum out_i, in)` projection, so one
@@ -305,6 +311,15 @@ impl Proj {
                 w.matmul(&x.t()?)?.t()?.contiguous()
             }
             Self::Quantized { q, quant, .. } => {
+                // A step (few rows) of Q8_0 on the CPU: our kernel (f32 activations, rayon).
+                if let (Quant::Q8_0, QMatMul::QTensor(t), true) = (quant, q, host) {
+                    if x.device().is_cpu()
+                        && x.dtype() == DType::F32
+                        && x.dim(0)? <= crate::matvec::MAX_ROWS
+                    {
+                        return crate::matvec::matvec_q8_0(x, t);
+                    }
+                }
                 // A prefill (many rows) is compute bound: candle's Q8_0 product quantises the
                 // activations and runs ~4× slower than the dense matmul there (measured: 41 s
                 // against 10 s for a 10 s prompt), so the weight is expanded to f32 for that
@@ -349,8 +364,14 @@ struct Layer {
 }
 
 fn layer_norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
-    // torch.nn.LayerNorm's default eps.
-    candle_nn::layer_norm(size, 1e-5, vb)
+    // torch.nn.LayerNorm's default eps. Detached: see `Decoder::new_quantized`.
+    let eps = 1e-5;
+    let ln = candle_nn::layer_norm(size, eps, vb)?;
+    let bias = match ln.bias() {
+        Some(b) => b.detach(),
+        None => ln.weight().zeros_like()?,
+    };
+    Ok(LayerNorm::new(ln.weight().detach(), bias, eps))
 }
 
 impl Layer {
@@ -487,18 +508,29 @@ impl Decoder {
                 vb.dtype()
             )));
         }
+        // Every weight is detached from candle's autograd graph as it is loaded. Weights built
+        // from a `VarMap` (random checkpoints: the bench, tests) are variables, and every tensor
+        // computed from a variable keeps its inputs alive for backpropagation: a prefill would
+        // hold all its activations until its logits are dropped (measured: +2.9 GB for a
+        // 10 s prompt on musicgen-small), and the parts stacked into one projection would never
+        // be freed. Weights read from safetensors files are not variables; detaching them is
+        // free.
         let d = cfg.hidden_size;
         let dvb = vb.pp("model").pp("decoder");
         let tables = (0..cfg.num_codebooks)
             .map(|k| {
-                dvb.pp("embed_tokens").pp(k).get_with_hints(
-                    (cfg.vocab_size + 1, d),
-                    "weight",
-                    candle_nn::Init::Randn {
-                        mean: 0.,
-                        stdev: 1.,
-                    },
-                )
+                Ok(dvb
+                    .pp("embed_tokens")
+                    .pp(k)
+                    .get_with_hints(
+                        (cfg.vocab_size + 1, d),
+                        "weight",
+                        candle_nn::Init::Randn {
+                            mean: 0.,
+                            stdev: 1.,
+                        },
+                    )?
+                    .detach())
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mut embed = Tensor::cat(&tables, 0)?.contiguous()?;
@@ -531,8 +563,9 @@ impl Decoder {
         &self.cfg
     }
 
-    /// Runs the per-step products on candle's matmul instead of [`crate::matvec`] when `false`
-    /// (slower on the CPU; kept to compare the two). On by default.
+    /// Runs the per-step products on candle's matmul (f32) and `QMatMul` (Q8_0) instead of
+    /// [`crate::matvec`]'s kernels when `false` (slower on the CPU; kept to compare them). On by
+    /// default.
     pub fn set_host_kernels(&mut self, on: bool) {
         self.host_kernels = on;
     }
@@ -569,6 +602,28 @@ impl Decoder {
             .map(Proj::bytes)
             .sum::<usize>()
             + self.heads.bytes()
+    }
+
+    /// Bytes of every weight the decoder holds, as stored: the per-step projections and heads
+    /// of [`Decoder::step_weight_bytes`], the cross-attention keys/values projections, the
+    /// embedding tables, the position table and the layer norms.
+    pub fn weight_bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let norm = |n: &LayerNorm| tensor(n.weight()) + n.bias().map_or(0, tensor);
+        self.step_weight_bytes()
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.cross_kv.bytes()
+                        + norm(&l.self_attn_norm)
+                        + norm(&l.cross_norm)
+                        + norm(&l.ffn_norm)
+                })
+                .sum::<usize>()
+            + tensor(&self.embed)
+            + tensor(&self.positions)
+            + norm(&self.final_norm)
     }
 
     /// The compute dtype (and the dense weights' dtype).
@@ -669,7 +724,21 @@ impl Decoder {
     /// Feeds `ids` (batch, codebooks, time) u32 at the state's next positions and returns the
     /// logits of the last position: (batch, codebooks, vocab) f32. `time` is the prompt length
     /// for the first call (prefill) and 1 afterwards.
+    ///
+    /// A long prefill runs in chunks of [`PREFILL_CHUNK`] positions, each written into the
+    /// cache before the next: the transient activations (attention scores grow with the
+    /// square of the positions fed at once) stay those of one chunk.
     pub fn forward(&self, state: &mut DecoderState, ids: &Tensor) -> Result<Tensor, DecoderError> {
+        self.forward_chunked(state, ids, PREFILL_CHUNK)
+    }
+
+    /// [`Decoder::forward`] with `chunk` positions per pass (at least 1).
+    pub fn forward_chunked(
+        &self,
+        state: &mut DecoderState,
+        ids: &Tensor,
+        chunk: usize,
+    ) -> Result<Tensor, DecoderError> {
         let (b, k, t) = ids.dims3()?;
         if b != state.batch || k != self.cfg.num_codebooks || t == 0 {
             return Err(DecoderError::Shape(format!(
@@ -679,16 +748,37 @@ impl Decoder {
                 self.cfg.num_codebooks
             )));
         }
-        let start = state.pos;
-        if start + t > state.capacity {
+        if state.pos + t > state.capacity {
             return Err(DecoderError::CacheFull {
-                positions: start + t,
+                positions: state.pos + t,
                 capacity: state.capacity,
             });
         }
         let ids = ids.to_device(&self.device)?.to_dtype(DType::U32)?;
-        let mut x = self.embed(&ids, start)?; // (batch, time, hidden)
-                                              // Causal mask for a multi-position call: query i (at start + i) sees keys 0..=start + i.
+        let chunk = chunk.max(1);
+        let mut from = 0;
+        while t - from > chunk {
+            self.feed(state, &ids.narrow(2, from, chunk)?)?;
+            from += chunk;
+        }
+        let x = self.feed(state, &ids.narrow(2, from, t - from)?)?;
+        let t = x.dim(1)?;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (batch, hidden)
+        let last = self.final_norm.forward(&last)?;
+        let logits = self.heads.forward(&last, self.host_kernels)?; // (batch, codebooks * vocab)
+        Ok(logits
+            .reshape((b, k, self.cfg.vocab_size))?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Runs `ids` (batch, codebooks, time) u32 on this device through every layer at the
+    /// state's next positions (writing their keys/values into the cache) and returns the last
+    /// layer's output (batch, time, hidden). Shapes and capacity are checked by the caller.
+    fn feed(&self, state: &mut DecoderState, ids: &Tensor) -> Result<Tensor, DecoderError> {
+        let t = ids.dim(2)?;
+        let start = state.pos;
+        let mut x = self.embed(ids, start)?; // (batch, time, hidden)
+                                             // Causal mask for a multi-position call: query i (at start + i) sees keys 0..=start + i.
         let causal = if t > 1 {
             Some(self.causal_mask(start, t)?)
         } else {
@@ -698,12 +788,7 @@ impl Decoder {
             x = self.layer_forward(layer, ls, &x, start, causal.as_ref(), &state.cross_mask)?;
         }
         state.pos = start + t;
-        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (batch, hidden)
-        let last = self.final_norm.forward(&last)?;
-        let logits = self.heads.forward(&last, self.host_kernels)?; // (batch, codebooks * vocab)
-        Ok(logits
-            .reshape((b, k, self.cfg.vocab_size))?
-            .to_dtype(DType::F32)?)
+        Ok(x)
     }
 
     /// (time, start + time) additive mask in the compute dtype.
@@ -857,7 +942,8 @@ mod tests {
 
     /// Random weights with every width a multiple of 256, so every layer takes the requested
     /// format: first-step and next-step logits of Q8_0 and Q4K stay close to f32's (max abs
-    /// error / max |f32 logit|). Measured: Q8_0 1.6–2.5%, Q4K 12–17% on these Gaussian
+    /// error / max |f32 logit|). Measured: Q8_0 1.0–1.2% (f32 activations in our step kernel;
+    /// 1.6–2.5% with candle's, which quantises them), Q4K 12–18% on these Gaussian
     /// weights (unseeded, hence the margins; the fixtures check the 2% target against the
     /// reference).
     #[test]
@@ -923,8 +1009,8 @@ mod tests {
         for t in 0..cols {
             last = Some(q.forward(&mut st, &ids.narrow(2, t, 1).unwrap()).unwrap());
         }
-        // The step path also quantises the activations to 8 bits (measured ~1.6% apart); the
-        // prefill path only the weights, so it sits closer to f32's own prefill.
+        // Both paths quantise only the weights (steps: `matvec_q8_0`; prefill: the expanded
+        // weight), but sum in different orders.
         let e = rel_err(&whole, &last.unwrap());
         assert!(e < 0.04, "q8_0 prefill against steps: {e}");
         let mut st = dense.new_state(&cond, &mask, cols).unwrap();
@@ -938,6 +1024,46 @@ mod tests {
             Decoder::new_quantized(&cfg, vb16.pp("decoder"), Some(Quant::Q8_0)),
             Err(DecoderError::Config(_))
         ));
+    }
+
+    /// A prefill fed in chunks gives the logits of one whole pass, and leaves the same cache
+    /// behind (the next step's logits agree too), for chunks that divide the prompt or not.
+    #[test]
+    fn chunked_prefill_equals_one_pass() {
+        let cfg = DecoderConfig {
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            ffn_dim: 128,
+            vocab_size: 32,
+            pad_token_id: 32,
+            bos_token_id: 32,
+            max_position_embeddings: 64,
+            ..DecoderConfig::default()
+        };
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let dec = Decoder::new(&cfg, vb.pp("decoder")).unwrap();
+        let cond = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
+        let mask = Tensor::from_vec(vec![1f32, 1., 0., 0., 0., 0.], (2, 3), &dev).unwrap();
+        let cols = 23;
+        let ids: Vec<u32> = (0..2 * 4 * cols as u32).map(|i| i * 7 % 33).collect();
+        let ids = Tensor::from_vec(ids, (2, 4, cols), &dev).unwrap();
+        let next = Tensor::from_vec((0..8u32).collect(), (2, 4, 1), &dev).unwrap();
+        let run = |chunk: usize| {
+            let mut st = dec.new_state(&cond, &mask, cols + 1).unwrap();
+            let first = dec.forward_chunked(&mut st, &ids, chunk).unwrap();
+            assert_eq!(st.position(), cols);
+            let second = dec.forward(&mut st, &next).unwrap();
+            (first, second)
+        };
+        let (w1, w2) = run(cols);
+        for chunk in [1, 5, 8, 22] {
+            let (c1, c2) = run(chunk);
+            let (e1, e2) = (rel_err(&w1, &c1), rel_err(&w2, &c2));
+            assert!(e1 < 1e-5 && e2 < 1e-5, "chunk {chunk}: {e1}, {e2}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::codec::CodecError;
 use crate::decoder::DecoderError;
 use crate::model::Musicgen;
 use crate::pattern::{codebook_delays, forced_token, sequence_len, undo_delay, PatternError};
-use crate::sampling::{guidance_mix, Sampler, SamplingError, SamplingParams, TakeRng};
+use crate::sampling::{SamplingError, SamplingParams, StepSelector, TakeRng};
 use crate::text::{TextCondition, TextError};
 
 /// What conditions the decoder.
@@ -256,7 +256,6 @@ pub fn generate_codes(
     let device = decoder.device().clone();
     let rows = req.condition.rows();
     let k = cfg.num_codebooks;
-    let vocab = cfg.vocab_size;
     let (bos, pad) = (cfg.bos_token_id, cfg.pad_token_id);
     let delays = codebook_delays(k, cfg.audio_channels)?;
     let prompt_frames = prompt_frames(req)?;
@@ -298,10 +297,14 @@ pub fn generate_codes(
     }
     let mut state = decoder.new_state(&cond.states, &cond.mask, len - 1)?;
 
-    let mut sampler = Sampler::new(req.sampling.clone())?;
+    let mut selector = StepSelector::new(req.sampling.clone())?;
     let mut rngs: Vec<TakeRng> = req.seeds.iter().map(|&s| TakeRng::new(s)).collect();
-    let mut guided = vec![0f32; vocab];
     let mut frame = vec![0u32; rows * k];
+    // Per-step buffers, reused: the ids fed (batch, codebooks, width; the prefill's width
+    // first, 1 afterwards), the tokens forced by the delay pattern and the tokens chosen.
+    let mut ids_buf: Vec<u32> = Vec::with_capacity(batch * k * start);
+    let mut forced = vec![None; rows * k];
+    let mut chosen = vec![0u32; rows * k];
     let mut prefill = Duration::ZERO;
     let steps_started = Instant::now();
     let max_delay = delays.iter().copied().max().unwrap_or(0);
@@ -310,35 +313,24 @@ pub fn generate_codes(
         let t = start + step; // the column this step produces
         let (from, width) = if step == 0 { (0, start) } else { (t - 1, 1) };
         // (batch, codebooks, width): the conditional rows, repeated for the null condition.
-        let mut ids = Vec::with_capacity(batch * k * width);
+        ids_buf.clear();
         for b in 0..batch {
             for col in &seq[b % rows] {
-                ids.extend_from_slice(&col[from..from + width]);
+                ids_buf.extend_from_slice(&col[from..from + width]);
             }
         }
-        let ids = Tensor::from_vec(ids, (batch, k, width), &device)?;
+        let ids = Tensor::from_slice(&ids_buf, (batch, k, width), &device)?;
         let logits = decoder.forward(&mut state, &ids)?; // (batch, codebooks, vocab)
-        let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         for r in 0..rows {
             for c in 0..k {
-                let token = match forced_token(t, delays[c], prompt_row(r, c), new_frames, bos, pad)
-                {
-                    Some(forced) => forced,
-                    None => {
-                        let at = (r * k + c) * vocab;
-                        guided.copy_from_slice(&logits[at..at + vocab]);
-                        if guidance {
-                            let u = ((rows + r) * k + c) * vocab;
-                            guidance_mix(
-                                &mut guided,
-                                &logits[u..u + vocab],
-                                req.sampling.guidance_scale,
-                            );
-                        }
-                        sampler.sample(&guided, &mut rngs[r])
-                    }
-                };
-                seq[r][c][t] = token;
+                forced[r * k + c] =
+                    forced_token(t, delays[c], prompt_row(r, c), new_frames, bos, pad);
+            }
+        }
+        selector.select(&logits, rows, guidance, &forced, &mut rngs, &mut chosen)?;
+        for r in 0..rows {
+            for c in 0..k {
+                seq[r][c][t] = chosen[r * k + c];
             }
         }
         if step == 0 {

@@ -227,6 +227,218 @@ impl Sampler {
     }
 }
 
+/// Chooses the tokens of one decoder step from the decoder's logits where they lie, so that
+/// only token ids cross from the device to the host; owns every buffer it needs (built once per
+/// generation, reused at every step).
+///
+/// Two paths, giving the same tokens up to float rounding at a bucket edge:
+/// - host (CPU tensors): the logits are read in place from the tensor's storage (no copy),
+///   mixed for guidance into a reused buffer, and chosen by [`Sampler`];
+/// - tensor (any other device): guidance mix, temperature, top-k and top-p are tensor ops
+///   (an ascending sort, a mask, and cumulative sums as a product with a preallocated
+///   triangular matrix), and the draw compares the cumulative mass with one uniform number
+///   per row from the take's [`TakeRng`], drawn in the same order as the host path draws
+///   them. Greedy decoding is an on-device argmax (exactly the host's tokens).
+#[derive(Debug)]
+pub struct StepSelector {
+    sampler: Sampler,
+    /// One guided row of logits (vocab), host path.
+    guided: Vec<f32>,
+    /// Uniform draws per (row, codebook), tensor path.
+    draws: Vec<f32>,
+    /// (vocab, vocab) upper-triangular ones: `x · triu` is the cumulative sum along a row.
+    /// Built on first use by the tensor path when sampling.
+    triu: Option<candle_core::Tensor>,
+    /// Run the tensor path even on the CPU (to test it against the host path).
+    force_tensor_path: bool,
+}
+
+impl StepSelector {
+    /// Validates `params`.
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        Ok(Self {
+            sampler: Sampler::new(params)?,
+            guided: Vec::new(),
+            draws: Vec::new(),
+            triu: None,
+            force_tensor_path: false,
+        })
+    }
+
+    /// Uses the tensor path on every device, the CPU included (slower there; for tests).
+    pub fn with_tensor_path(mut self) -> Self {
+        self.force_tensor_path = true;
+        self
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        self.sampler.params()
+    }
+
+    /// Chooses `out[r * codebooks + c]` for every take `r < rows` and codebook `c`.
+    ///
+    /// `logits`: (batch, codebooks, vocab) f32, the takes' rows first and, when `guidance`,
+    /// their null-condition rows after them (batch = 2 × rows). `forced[r * codebooks + c]`:
+    /// the token the delay pattern imposes there (nothing is drawn for it). `rngs`: one per
+    /// take.
+    pub fn select(
+        &mut self,
+        logits: &candle_core::Tensor,
+        rows: usize,
+        guidance: bool,
+        forced: &[Option<u32>],
+        rngs: &mut [TakeRng],
+        out: &mut [u32],
+    ) -> candle_core::Result<()> {
+        let (batch, k, vocab) = logits.dims3()?;
+        let n = rows * k;
+        if batch != if guidance { 2 * rows } else { rows }
+            || forced.len() != n
+            || out.len() != n
+            || rngs.len() != rows
+            || vocab == 0
+        {
+            candle_core::bail!(
+                "token selection: logits {:?} do not fit {rows} takes (guidance {guidance})",
+                logits.dims()
+            );
+        }
+        if forced.iter().all(Option::is_some) {
+            for (o, f) in out.iter_mut().zip(forced) {
+                *o = f.unwrap_or_default();
+            }
+            return Ok(());
+        }
+        if logits.device().is_cpu() && !self.force_tensor_path {
+            self.select_host(logits, rows, guidance, forced, rngs, out)
+        } else {
+            self.select_tensor(logits, rows, guidance, forced, rngs, out)
+        }
+    }
+
+    fn select_host(
+        &mut self,
+        logits: &candle_core::Tensor,
+        rows: usize,
+        guidance: bool,
+        forced: &[Option<u32>],
+        rngs: &mut [TakeRng],
+        out: &mut [u32],
+    ) -> candle_core::Result<()> {
+        let (_, k, vocab) = logits.dims3()?;
+        let logits = logits.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let (storage, layout) = logits.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("token selection: host path on a non-CPU tensor");
+        };
+        let Some((o1, o2)) = layout.contiguous_offsets() else {
+            candle_core::bail!("token selection: logits are not contiguous");
+        };
+        let all = &cpu.as_slice::<f32>()?[o1..o2];
+        self.guided.resize(vocab, 0.0);
+        let scale = self.sampler.params().guidance_scale;
+        for (r, rng) in rngs.iter_mut().enumerate().take(rows) {
+            for c in 0..k {
+                let i = r * k + c;
+                out[i] = match forced[i] {
+                    Some(token) => token,
+                    None => {
+                        let at = i * vocab;
+                        self.guided.copy_from_slice(&all[at..at + vocab]);
+                        if guidance {
+                            let u = (rows * k + i) * vocab;
+                            guidance_mix(&mut self.guided, &all[u..u + vocab], scale);
+                        }
+                        self.sampler.sample(&self.guided, rng)
+                    }
+                };
+            }
+        }
+        Ok(())
+    }
+
+    fn select_tensor(
+        &mut self,
+        logits: &candle_core::Tensor,
+        rows: usize,
+        guidance: bool,
+        forced: &[Option<u32>],
+        rngs: &mut [TakeRng],
+        out: &mut [u32],
+    ) -> candle_core::Result<()> {
+        use candle_core::{DType, Tensor, D};
+        let (_, k, vocab) = logits.dims3()?;
+        let n = rows * k;
+        let device = logits.device();
+        let logits = logits.to_dtype(DType::F32)?;
+        let p = self.sampler.params().clone();
+        let cond = logits.narrow(0, 0, rows)?;
+        // (rows, codebooks, vocab): the reference's `uncond + scale * (cond - uncond)`.
+        let guided = if guidance {
+            let uncond = logits.narrow(0, rows, rows)?;
+            (&uncond + ((&cond - &uncond)? * p.guidance_scale)?)?
+        } else {
+            cond
+        };
+        let guided = guided.reshape((n, vocab))?; // (rows * codebooks, vocab)
+        let ids: Vec<u32> = if p.greedy {
+            guided.argmax(D::Minus1)?.to_vec1()?
+        } else {
+            // One draw per chosen token, in the host path's order (take, then codebook).
+            self.draws.clear();
+            for (r, rng) in rngs.iter_mut().enumerate().take(rows) {
+                for c in 0..k {
+                    let u = if forced[r * k + c].is_none() {
+                        rng.next_f64() as f32
+                    } else {
+                        0.0
+                    };
+                    self.draws.push(u);
+                }
+            }
+            let triu = match &self.triu {
+                Some(t) if t.device().same_device(device) => t.clone(),
+                _ => {
+                    let t = Tensor::triu2(vocab, DType::F32, device)?;
+                    self.triu = Some(t.clone());
+                    t
+                }
+            };
+            let scaled = guided.affine(1.0 / p.temperature, 0.0)?.contiguous()?;
+            // Ascending, ties in token order (as the host path's sort).
+            let (sorted, order) = scaled.sort_last_dim(true)?; // (n, vocab) each
+            let top_k = p.top_k.min(vocab);
+            let kth = sorted.narrow(1, vocab - top_k, 1)?; // (n, 1)
+            let max = sorted.narrow(1, vocab - 1, 1)?;
+            let keep = sorted.broadcast_ge(&kth)?.to_dtype(DType::F32)?;
+            let mut probs = (sorted.broadcast_sub(&max)?.exp()? * keep)?;
+            if p.top_p < 1.0 {
+                // Remove the low tail whose share of the mass is <= 1 - top_p (the largest
+                // token's cumulative share is 1, so at least one stays).
+                let cum = probs.matmul(&triu)?;
+                let share = cum.broadcast_div(&cum.narrow(1, vocab - 1, 1)?)?;
+                probs = (probs * share.gt(1.0 - p.top_p)?.to_dtype(DType::F32)?)?;
+            }
+            let cum = probs.matmul(&triu)?; // (n, vocab)
+            let mass = cum.narrow(1, vocab - 1, 1)?;
+            let draws = Tensor::from_slice(&self.draws, (n, 1), device)?;
+            let target = (draws * mass)?;
+            // The chosen position: how many cumulative sums stay at or below the target.
+            let pos = cum
+                .broadcast_le(&target)?
+                .to_dtype(DType::F32)?
+                .sum_keepdim(1)?
+                .minimum((vocab - 1) as f64)?
+                .to_dtype(DType::U32)?;
+            order.gather(&pos, 1)?.squeeze(1)?.to_vec1()?
+        };
+        for ((o, f), id) in out.iter_mut().zip(forced).zip(ids) {
+            *o = f.unwrap_or(id);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,5 +618,83 @@ mod tests {
         };
         assert_eq!(run(11), run(11));
         assert_ne!(run(11), run(12));
+    }
+
+    /// Random logits of 3 takes × 4 codebooks × 300 tokens with guidance rows after them.
+    fn step_logits(seed: u64) -> candle_core::Tensor {
+        let mut rng = TakeRng::new(seed);
+        let v: Vec<f32> = (0..6 * 4 * 300)
+            .map(|_| (rng.next_f64() * 8.0 - 4.0) as f32)
+            .collect();
+        candle_core::Tensor::from_vec(v, (6, 4, 300), &candle_core::Device::Cpu).unwrap()
+    }
+
+    /// The tensor path (what runs on a GPU) chooses the host path's tokens: exactly for greedy,
+    /// and for sampling (same draws, float sums in another order) on all but a rare token at a
+    /// bucket edge; forced positions are kept and draw nothing on either path.
+    #[test]
+    fn tensor_path_chooses_the_host_paths_tokens() {
+        let mut forced = vec![None; 12];
+        forced[1] = Some(7);
+        forced[6] = Some(2048);
+        let cases = [
+            SamplingParams::greedy(3.0),
+            SamplingParams::default(),
+            SamplingParams {
+                top_k: 20,
+                top_p: 0.7,
+                temperature: 0.8,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_k: 1000,
+                guidance_scale: 1.0,
+                ..SamplingParams::default()
+            },
+        ];
+        for params in cases {
+            let guidance = params.uses_guidance();
+            let mut host = StepSelector::new(params.clone()).unwrap();
+            let mut tensor = StepSelector::new(params.clone())
+                .unwrap()
+                .with_tensor_path();
+            let mut rng_h: Vec<TakeRng> = (0..3).map(TakeRng::new).collect();
+            let mut rng_t = rng_h.clone();
+            let (mut same, mut total) = (0, 0);
+            for step in 0..40 {
+                let logits = step_logits(step);
+                let logits = if guidance {
+                    logits
+                } else {
+                    logits.narrow(0, 0, 3).unwrap()
+                };
+                let (mut a, mut b) = (vec![0u32; 12], vec![0u32; 12]);
+                host.select(&logits, 3, guidance, &forced, &mut rng_h, &mut a)
+                    .unwrap();
+                tensor
+                    .select(&logits, 3, guidance, &forced, &mut rng_t, &mut b)
+                    .unwrap();
+                assert_eq!((a[1], a[6]), (7, 2048));
+                assert_eq!((b[1], b[6]), (7, 2048));
+                if params.greedy {
+                    assert_eq!(a, b, "greedy step {step}");
+                }
+                same += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+                total += a.len();
+            }
+            assert!(
+                same * 100 >= total * 99,
+                "{params:?}: {same} of {total} agree"
+            );
+            // Both drew the same number of values from each take's stream.
+            for (h, t) in rng_h.iter_mut().zip(&mut rng_t) {
+                assert_eq!(h.next_u64(), t.next_u64());
+            }
+        }
+        // Shapes that do not fit are errors, not panics.
+        let mut sel = StepSelector::new(SamplingParams::default()).unwrap();
+        let mut rngs = vec![TakeRng::new(0); 2];
+        let err = sel.select(&step_logits(0), 2, true, &[None; 8], &mut rngs, &mut [0; 8]);
+        assert!(err.is_err());
     }
 }

@@ -18,7 +18,7 @@ pub struct CodecBenchArgs {
 
 /// CPU time consumed by this process so far (all threads), in seconds; `None` where the
 /// platform does not say.
-fn process_cpu_s() -> Option<f64> {
+pub(super) fn process_cpu_s() -> Option<f64> {
     #[cfg(unix)]
     {
         let mut ts = libc::timespec {

@@ -5,11 +5,14 @@
 
 use std::time::Instant;
 
+use super::bench::BenchDevice;
+use super::bench_codec::process_cpu_s;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rayon::prelude::*;
 use segue_engine::decoder::{Decoder, DecoderConfig, Quant};
+use segue_engine::sampling::{SamplingParams, StepSelector, TakeRng};
 
 #[derive(clap::Args)]
 pub struct DecoderBenchArgs {
@@ -27,8 +30,8 @@ pub struct DecoderBenchArgs {
     /// Takes generated together (the decoder batch is twice this with guidance).
     #[arg(long = "decoder-takes", default_value_t = 1)]
     pub takes: usize,
-    /// Per-step products of the f32 row: the host kernel (default), candle's matmul, or both
-    /// (two rows).
+    /// Per-step products of the f32 and q8_0 rows: our CPU kernels (`matvec`, default),
+    /// candle's matmul / `QMatMul`, or both (two rows each).
     #[arg(long = "decoder-kernel", value_enum, default_value = "host")]
     pub kernel: BenchKernel,
     /// Topology: small (24 layers, width 1024, 16 heads, FFN 4096), medium (48 layers, width
@@ -39,6 +42,16 @@ pub struct DecoderBenchArgs {
     /// column.
     #[arg(long = "decoder-prompt-seconds", default_value_t = 10.0)]
     pub prompt_seconds: f64,
+    /// Positions per prefill pass (the generation loop uses 64); a value at or above the
+    /// prompt's length feeds it in one pass.
+    #[arg(long = "decoder-prefill-chunk", default_value_t = segue_engine::decoder::PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
+    /// Load the decoder weights from this safetensors file (keys `model.decoder.…` and
+    /// `lm_heads.…`, as `MusicgenForCausalLM` saves them; the topology of `--decoder-size`)
+    /// instead of random ones: the side-by-side script runs both implementations on the same
+    /// checkpoint this way.
+    #[arg(long = "decoder-checkpoint")]
+    pub checkpoint: Option<std::path::PathBuf>,
     /// MiB of the array read to measure memory bandwidth (well above the last-level cache).
     #[arg(long = "bandwidth-mib", default_value_t = 1024)]
     pub bandwidth_mib: usize,
@@ -83,7 +96,7 @@ pub enum BenchKernel {
     Both,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum BenchSize {
     Small,
     Medium,
@@ -141,15 +154,38 @@ fn memory_bandwidth(mib: usize) -> f64 {
     (n * 4) as f64 / best
 }
 
+/// Read bandwidth of a device's memory in bytes/s: a sum over an array of `mib` MiB on the
+/// device, best of 5 after one warm-up pass (each pass ends when the scalar reaches the host).
+fn device_bandwidth(device: &Device, mib: usize) -> anyhow::Result<f64> {
+    let n = mib * (1 << 20) / 4;
+    let data = Tensor::ones(n, DType::F32, device)?;
+    let pass = || -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let s: f32 = data.sum_all()?.to_scalar()?;
+        std::hint::black_box(s);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    pass()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        best = best.min(pass()?);
+    }
+    Ok((n * 4) as f64 / best)
+}
+
 struct Row {
     label: String,
     steps_per_s: f64,
     prefill_s: Option<f64>,
     weight_bytes: usize,
+    /// Every weight held (see `Decoder::weight_bytes`).
+    held_bytes: usize,
+    /// Process CPU time per step (all threads), ms.
+    cpu_ms: Option<f64>,
     peak: Option<u64>,
 }
 
-pub fn run(args: &DecoderBenchArgs) -> anyhow::Result<()> {
+pub fn run(args: &DecoderBenchArgs, device: BenchDevice) -> anyhow::Result<()> {
     anyhow::ensure!(args.steps >= 1, "--decoder-steps must be at least 1");
     anyhow::ensure!(args.takes >= 1, "--decoder-takes must be at least 1");
     anyhow::ensure!(
@@ -180,35 +216,73 @@ pub fn run(args: &DecoderBenchArgs) -> anyhow::Result<()> {
         "prompt and steps exceed the decoder's {} positions",
         cfg.max_position_embeddings
     );
-    let device = Device::Cpu;
-    let threads = candle_core::utils::get_num_threads();
-    println!(
-        "decoder: random weights, {} layers, width {}, {} heads, FFN {}, {} codebooks, CPU ({threads} threads)",
-        cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_dim, cfg.num_codebooks
-    );
-    let bw = memory_bandwidth(args.bandwidth_mib.max(1));
-    println!(
-        "  memory read bandwidth: {:.1} GB/s ({} MiB array, {} threads)",
-        bw / 1e9,
-        args.bandwidth_mib,
-        rayon::current_num_threads()
-    );
+    let (device, bw) = match device {
+        BenchDevice::Cpu => {
+            let threads = candle_core::utils::get_num_threads();
+            println!(
+                "decoder: random weights, {} layers, width {}, {} heads, FFN {}, {} codebooks, CPU ({threads} threads)",
+                cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_dim, cfg.num_codebooks
+            );
+            let bw = memory_bandwidth(args.bandwidth_mib.max(1));
+            println!(
+                "  memory read bandwidth: {:.1} GB/s ({} MiB array, {} threads)",
+                bw / 1e9,
+                args.bandwidth_mib,
+                rayon::current_num_threads()
+            );
+            (Device::Cpu, bw)
+        }
+        BenchDevice::Cuda => {
+            let device = Device::new_cuda(0)
+                .context("--device cuda needs a build with the `cuda` feature and a GPU")?;
+            println!(
+                "decoder: random weights, {} layers, width {}, {} heads, FFN {}, {} codebooks, CUDA device 0",
+                cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_dim, cfg.num_codebooks
+            );
+            let bw = device_bandwidth(&device, args.bandwidth_mib.max(1))?;
+            println!(
+                "  device memory read bandwidth: {:.1} GB/s ({} MiB array, sum on the device)",
+                bw / 1e9,
+                args.bandwidth_mib
+            );
+            (device, bw)
+        }
+    };
 
     let mut rows = Vec::new();
     for &format in &args.formats {
         let kernels: &[(bool, &str)] = match (format, args.kernel) {
-            (BenchFormat::F32, BenchKernel::Both) => &[(true, ""), (false, ", candle matmul")],
-            (BenchFormat::F32, BenchKernel::Matmul) => &[(false, ", candle matmul")],
+            (BenchFormat::F32 | BenchFormat::Q8_0, BenchKernel::Both) => {
+                &[(true, ""), (false, ", candle")]
+            }
+            (BenchFormat::F32 | BenchFormat::Q8_0, BenchKernel::Matmul) => &[(false, ", candle")],
             _ => &[(true, "")],
         };
         let (dtype, quant) = format.split();
         let t0 = Instant::now();
-        let mut decoder = {
-            let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
-            Decoder::new_quantized(&cfg, vb.pp("decoder"), quant)
-                .with_context(|| format!("building the random {} decoder", format.label()))?
-            // the varmap drops here: the decoder keeps (and has fused) what it needs
+        let mut decoder = match &args.checkpoint {
+            None => {
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
+                Decoder::new_quantized(&cfg, vb.pp("decoder"), quant)
+                    .with_context(|| format!("building the random {} decoder", format.label()))?
+                // the varmap drops here: the decoder keeps (and has fused) what it needs
+            }
+            Some(path) => {
+                // SAFETY: the file is not modified while it is mapped (read once, here).
+                let vb = unsafe {
+                    VarBuilder::from_mmaped_safetensors(std::slice::from_ref(path), dtype, &device)
+                }
+                .with_context(|| format!("reading {}", path.display()))?;
+                Decoder::new_quantized(&cfg, vb, quant).with_context(|| {
+                    format!(
+                        "loading the {} decoder from {} (topology {:?})",
+                        format.label(),
+                        path.display(),
+                        args.size
+                    )
+                })?
+            }
         };
         println!(
             "  {}: built in {:.1} s",
@@ -224,21 +298,22 @@ pub fn run(args: &DecoderBenchArgs) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "| format | steps/s | ms/step | real time | prefill {:.0} s prompt | weights/step | floor steps/s | of floor | peak RSS | peak / weights |",
+        "| format | steps/s | ms/step | real time | prefill {:.0} s prompt | weights/step | floor steps/s | of floor | weights held | peak RSS | peak / held | CPU ms/step |",
         args.prompt_seconds
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let floor = bw / r.weight_bytes as f64;
         let peak = r
             .peak
             .map_or("?".into(), |p| format!("{:.0} MB", p as f64 / 1e6));
         let ratio = r.peak.map_or("?".into(), |p| {
-            format!("{:.2}", p as f64 / r.weight_bytes as f64)
+            format!("{:.2}", p as f64 / r.held_bytes as f64)
         });
         let prefill = r.prefill_s.map_or("-".into(), |s| format!("{s:.2} s"));
+        let cpu = r.cpu_ms.map_or("?".into(), |c| format!("{c:.1}"));
         println!(
-            "| {} | {:.2} | {:.1} | {:.3}× | {prefill} | {:.0} MB | {:.1} | {:.0}% | {peak} | {ratio} |",
+            "| {} | {:.2} | {:.1} | {:.3}× | {prefill} | {:.0} MB | {:.1} | {:.0}% | {:.0} MB | {peak} | {ratio} | {cpu} |",
             r.label,
             r.steps_per_s,
             1000.0 / r.steps_per_s,
@@ -246,6 +321,7 @@ pub fn run(args: &DecoderBenchArgs) -> anyhow::Result<()> {
             r.weight_bytes as f64 / 1e6,
             floor,
             100.0 * r.steps_per_s / floor,
+            r.held_bytes as f64 / 1e6,
         );
     }
     println!(
@@ -285,25 +361,40 @@ fn time_steps(
             .collect();
         Tensor::from_vec(v, (batch, k, width), &device)
     };
-    // Prefill: the start column and the prompt in one call, as a continuation does.
+    // Token selection as the generation loop runs it (default sampling: guidance 3, top-k
+    // 250), so that a step's time includes choosing its tokens.
+    let mut selector = StepSelector::new(SamplingParams::default())?;
+    let mut rngs: Vec<TakeRng> = (0..takes as u64).map(TakeRng::new).collect();
+    let forced = vec![None; takes * k];
+    let mut chosen = vec![0u32; takes * k];
+    // Prefill: the start column and the prompt, as a continuation does.
     let t = Instant::now();
-    let logits = decoder.forward(&mut state, &ids(prompt_frames + 1, 0)?)?;
-    let _host: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let logits =
+        decoder.forward_chunked(&mut state, &ids(prompt_frames + 1, 0)?, args.prefill_chunk)?;
+    selector.select(&logits, takes, true, &forced, &mut rngs, &mut chosen)?;
     let prefill = t.elapsed().as_secs_f64();
     let t = Instant::now();
+    let cpu0 = process_cpu_s();
     for i in 0..args.steps {
         let logits = decoder.forward(&mut state, &ids(1, i + 1)?)?;
-        // What the generation loop does with them: copy to the host.
-        let _host: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        selector.select(&logits, takes, true, &forced, &mut rngs, &mut chosen)?;
     }
     let sps = args.steps as f64 / t.elapsed().as_secs_f64();
+    let cpu_ms = cpu0
+        .zip(process_cpu_s())
+        .map(|(a, b)| 1000.0 * (b - a) / args.steps as f64);
     let row = Row {
         label: label.to_string(),
         steps_per_s: sps,
         prefill_s: (prompt_frames > 0).then_some(prefill),
         weight_bytes: decoder.step_weight_bytes(),
+        held_bytes: decoder.weight_bytes(),
+        cpu_ms,
         peak: peak_rss(),
     };
+    if let Some(cpu) = cpu_ms {
+        println!("  {label}: CPU time {cpu:.1} ms per step (all threads)");
+    }
     println!(
         "  {label}: {:.2} steps/s, prefill {:.2} s ({} positions), {:.0} MB of weights per step",
         sps,
