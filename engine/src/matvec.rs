@@ -300,13 +300,13 @@ unsafe fn q8_0_row_avx2<const R: usize>(row: &[u8], x: &QuantRows, n: usize, out
     use std::arch::x86_64::*;
     let nb = n / Q8_0_BLOCK;
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
     let xq = x.qs.as_ptr();
     let xd = x.ds.as_ptr();
-    for (b, block) in row.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
-        let bits = u16::from_le_bytes([block[0], block[1]]);
+    // One block into `acc`: its scale, its 32 weights loaded once for all `R` rows.
+    let step = |acc: &mut [__m256; R], b: usize, block: *const u8| {
+        let bits = u16::from_le_bytes([*block, *block.add(1)]);
         let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));
-        let w = _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i);
+        let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
         let aw = _mm256_sign_epi8(w, w);
         for (r, a) in acc.iter_mut().enumerate() {
             let y = _mm256_loadu_si256(xq.add(r * n + b * Q8_0_BLOCK) as *const __m256i);
@@ -316,6 +316,23 @@ unsafe fn q8_0_row_avx2<const R: usize>(row: &[u8], x: &QuantRows, n: usize, out
             let d = _mm256_set1_ps(dw * *xd.add(r * nb + b));
             *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), d, *a);
         }
+    };
+    // Two blocks per iteration into two accumulator sets: twice the independent loads and
+    // FMA chains in flight.
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc1 = [_mm256_setzero_ps(); R];
+    let rp = row.as_ptr();
+    let mut b = 0;
+    while b + 1 < nb {
+        step(&mut acc, b, rp.add(b * Q8_0_BLOCK_BYTES));
+        step(&mut acc1, b + 1, rp.add((b + 1) * Q8_0_BLOCK_BYTES));
+        b += 2;
+    }
+    if b < nb {
+        step(&mut acc, b, rp.add(b * Q8_0_BLOCK_BYTES));
+    }
+    for (a, a1) in acc.iter_mut().zip(acc1) {
+        *a = _mm256_add_ps(*a, a1);
     }
     for (v, o) in acc.iter().zip(out.iter_mut()) {
         let v = *v;
