@@ -202,83 +202,183 @@ fn q8_0_scale(block: &[u8]) -> f32 {
     half::f16::from_le_bytes([block[0], block[1]]).to_f32()
 }
 
-/// `out[r] = sum_i w[i] * x[r][i]` over one Q8_0 weight row (`row`: its blocks) and `R`
-/// activation rows of width `n` (f32, not quantised).
+/// Activation rows quantised to Q8_0 once per product: per block of 32 values a scale
+/// `d = absmax / 127` (f32) and 32 signed 8-bit values `q = round(x / d)` (ties to even), so
+/// that `x ≈ d * q` with an error of at most `d / 2` per value.
+struct QuantRows {
+    /// (rows, in) signed 8-bit values.
+    qs: Vec<i8>,
+    /// (rows, in / 32) block scales.
+    ds: Vec<f32>,
+}
+
+/// 1.5 · 2²³: adding and subtracting it rounds an f32 of magnitude below 2²² to the nearest
+/// integer, ties to even, with plain arithmetic (vectorisable, no `roundf` call).
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// Quantises `x` (a whole number of 32-value blocks) into `qs` and `ds`.
 #[inline(always)]
-fn q8_0_row_generic<const R: usize>(row: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
+fn quantize_q8_0_body(x: &[f32], qs: &mut [i8], ds: &mut [f32]) {
+    for ((xb, qb), d) in x
+        .chunks_exact(Q8_0_BLOCK)
+        .zip(qs.chunks_exact_mut(Q8_0_BLOCK))
+        .zip(ds.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let dv = amax / 127.0;
+        let id = if dv > 0.0 { 1.0 / dv } else { 0.0 };
+        for (q, v) in qb.iter_mut().zip(xb) {
+            // |v * id| <= 127 (+ rounding), inside the magic constant's range.
+            *q = ((v * id + ROUND_MAGIC) - ROUND_MAGIC) as i8;
+        }
+        *d = dv;
+    }
+}
+
+/// [`quantize_q8_0_body`] compiled with AVX2 so that it vectorises; the arithmetic (no fused
+/// operations) and so the result are the same.
+///
+/// # Safety
+/// The processor must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_q8_0_avx2(x: &[f32], qs: &mut [i8], ds: &mut [f32]) {
+    quantize_q8_0_body(x, qs, ds)
+}
+
+/// Quantises `x` (`len` a multiple of 32) to Q8_0; `avx2` picks the vectorised build.
+fn quantize_q8_0(x: &[f32], avx2: bool) -> QuantRows {
+    let mut qs = vec![0i8; x.len()];
+    let mut ds = vec![0f32; x.len() / Q8_0_BLOCK];
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the caller checked the feature.
+        unsafe { quantize_q8_0_avx2(x, &mut qs, &mut ds) };
+        return QuantRows { qs, ds };
+    }
+    let _ = avx2;
+    quantize_q8_0_body(x, &mut qs, &mut ds);
+    QuantRows { qs, ds }
+}
+
+/// `out[r] = sum_b dw_b * dx_rb * sum_i w_bi * q_rbi` over one Q8_0 weight row (`row`: its
+/// blocks) and `R` quantised activation rows of width `n`: an exact integer dot per block,
+/// scaled by the product of the two block scales and summed in f32.
+#[inline(always)]
+fn q8_0_row_generic<const R: usize>(row: &[u8], x: &QuantRows, n: usize, out: &mut [f32]) {
+    let nb = n / Q8_0_BLOCK;
     let mut acc = [0f32; R];
     for (b, block) in row.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
-        let d = q8_0_scale(block);
+        let dw = q8_0_scale(block);
         let qs = &block[2..];
         for (r, a) in acc.iter_mut().enumerate() {
-            let xr = &x[r * n + b * Q8_0_BLOCK..r * n + (b + 1) * Q8_0_BLOCK];
-            let mut s = 0f32;
-            for (q, xv) in qs.iter().zip(xr) {
-                s += f32::from(*q as i8) * xv;
-            }
-            *a += d * s;
+            let xr = &x.qs[r * n + b * Q8_0_BLOCK..r * n + (b + 1) * Q8_0_BLOCK];
+            // |sum| <= 32 · 128 · 127 < 2^24: exact in i32 and in f32.
+            let s: i32 = qs
+                .iter()
+                .zip(xr)
+                .map(|(&q, &v)| i32::from(q as i8) * i32::from(v))
+                .sum();
+            *a = (s as f32).mul_add(dw * x.ds[r * nb + b], *a);
         }
     }
     out[..R].copy_from_slice(&acc);
 }
 
-/// [`q8_0_row_generic`] with AVX2/FMA: each block's 32 weights are widened to f32 once, scaled,
-/// and multiplied into every activation row (two accumulator chains per row).
+/// [`q8_0_row_generic`] with AVX2/FMA/F16C (llama.cpp's `ggml_vec_dot_q8_0_q8_0` scheme): each
+/// weight block is loaded once, its absolute values computed once, and for every activation
+/// row `|w| · (q · sign w)` is summed in pairs by `maddubs` (unsigned × signed → i16, no
+/// saturation: |pair| <= 2 · 128 · 127), then in fours by `madd` with ones (→ 8 × i32), converted
+/// to f32 and accumulated with the product of the two block scales.
 ///
 /// # Safety
-/// The processor must support AVX2 and FMA; `row` holds `n / 32` whole blocks,
-/// `x.len() >= R * n`, `out.len() >= R`.
+/// The processor must support AVX2, FMA and F16C; `row` holds `n / 32` whole blocks, `x`
+/// holds at least `R` rows of width `n`, `out.len() >= R`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q8_0_row_avx2<const R: usize>(row: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_row_avx2<const R: usize>(row: &[u8], x: &QuantRows, n: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let mut a0 = [_mm256_setzero_ps(); R];
-    let mut a1 = [_mm256_setzero_ps(); R];
-    let xp = x.as_ptr();
-    for (b, block) in row.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
-        let d = _mm256_set1_ps(q8_0_scale(block));
-        let q = block.as_ptr().add(2);
-        // 32 i8 -> 4 × 8 f32, scaled.
-        let w = [0, 8, 16, 24].map(|o| {
-            let i = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(o) as *const __m128i));
-            _mm256_mul_ps(_mm256_cvtepi32_ps(i), d)
-        });
-        let base = b * Q8_0_BLOCK;
-        for r in 0..R {
-            let xr = xp.add(r * n + base);
-            a0[r] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), a0[r]);
-            a1[r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr.add(8)), a1[r]);
-            a0[r] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr.add(16)), a0[r]);
-            a1[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr.add(24)), a1[r]);
+    let nb = n / Q8_0_BLOCK;
+    let ones = _mm256_set1_epi16(1);
+    let xq = x.qs.as_ptr();
+    let xd = x.ds.as_ptr();
+    // One block into `acc`: its scale, its 32 weights loaded once for all `R` rows.
+    let step = |acc: &mut [__m256; R], b: usize, block: *const u8| {
+        let bits = u16::from_le_bytes([*block, *block.add(1)]);
+        let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));
+        let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
+        let aw = _mm256_sign_epi8(w, w);
+        for (r, a) in acc.iter_mut().enumerate() {
+            let y = _mm256_loadu_si256(xq.add(r * n + b * Q8_0_BLOCK) as *const __m256i);
+            let sy = _mm256_sign_epi8(y, w);
+            let p16 = _mm256_maddubs_epi16(aw, sy);
+            let p32 = _mm256_madd_epi16(p16, ones);
+            let d = _mm256_set1_ps(dw * *xd.add(r * nb + b));
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), d, *a);
         }
+    };
+    // Two blocks per iteration into two accumulator sets: twice the independent loads and
+    // FMA chains in flight.
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc1 = [_mm256_setzero_ps(); R];
+    let rp = row.as_ptr();
+    let mut b = 0;
+    while b + 1 < nb {
+        step(&mut acc, b, rp.add(b * Q8_0_BLOCK_BYTES));
+        step(&mut acc1, b + 1, rp.add((b + 1) * Q8_0_BLOCK_BYTES));
+        b += 2;
     }
-    for r in 0..R {
-        let v = _mm256_add_ps(a0[r], a1[r]);
+    if b < nb {
+        step(&mut acc, b, rp.add(b * Q8_0_BLOCK_BYTES));
+    }
+    for (a, a1) in acc.iter_mut().zip(acc1) {
+        *a = _mm256_add_ps(*a, a1);
+    }
+    for (v, o) in acc.iter().zip(out.iter_mut()) {
+        let v = *v;
         let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
         let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        out[r] = _mm_cvtss_f32(q);
+        *o = _mm_cvtss_f32(q);
     }
 }
 
+/// Whether the AVX2 build of the Q8_0 kernels can run here (checked at run time).
+fn q8_0_avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// One block of output rows of a Q8_0 product: `w` holds whole quantised rows of
-/// `row_bytes` bytes, `out` is (block, rows).
-fn block_q8_0(w: &[u8], x: &[f32], n: usize, row_bytes: usize, rows: usize, out: &mut [f32]) {
+/// `row_bytes` bytes, `x` the quantised activations, `out` is (block, rows); `avx2` picks the
+/// AVX2 kernel (the caller checked [`q8_0_avx2_available`]).
+fn block_q8_0(
+    w: &[u8],
+    x: &QuantRows,
+    n: usize,
+    row_bytes: usize,
+    rows: usize,
+    avx2: bool,
+    out: &mut [f32],
+) {
     macro_rules! run {
         ($r:literal) => {{
             #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    for (wrow, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut($r)) {
-                        // SAFETY: the features are present; whole rows of `n / 32` blocks,
-                        // `x` holds `rows` rows of width `n`, `rows` outputs per weight row.
-                        unsafe { q8_0_row_avx2::<$r>(wrow, x, n, o) };
-                    }
-                    return;
+            if avx2 {
+                for (wrow, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut($r)) {
+                    // SAFETY: the features are present; whole rows of `n / 32` blocks,
+                    // `x` holds `rows` rows of width `n`, `rows` outputs per weight row.
+                    unsafe { q8_0_row_avx2::<$r>(wrow, x, n, o) };
                 }
+                return;
             }
+            let _ = avx2;
             for (wrow, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut($r)) {
                 q8_0_row_generic::<$r>(wrow, x, n, o);
             }
@@ -299,11 +399,16 @@ fn block_q8_0(w: &[u8], x: &[f32], n: usize, row_bytes: usize, rows: usize, out:
 /// `x` (rows, in) · `w`ᵀ for a Q8_0 weight `w` (out, in) on the CPU -> (rows, out) f32, with at
 /// most [`MAX_ROWS`] rows and `in` a multiple of 32.
 ///
-/// Unlike candle's Q8_0 product, the activations stay f32 (each weight block is widened
-/// instead of quantising `x` to 8 bits: closer to the f32 result), and the work is split over
-/// rayon's pool like [`matvec`]. candle 0.11's CPU product waits for its workers by spinning,
-/// which measured 4–5× slower per step than this on a 2-core machine shared with other
-/// processes (see `BENCHMARKS.md`).
+/// Like llama.cpp's `ggml_vec_dot_q8_0_q8_0`, each activation row is quantised once per call to
+/// Q8_0 (32 values per block with an f32 scale `absmax / 127`), and each weight block's dot with
+/// it is an exact integer dot (AVX2 `maddubs`/`madd` when the processor has AVX2, FMA and F16C,
+/// checked at run time; otherwise a generic loop with the same arithmetic), scaled by the
+/// product of the two block scales. The error against the dequantised weight times f32
+/// activations is at most `sum_b (dx_b / 2) · sum_i |w_bi|` (the activation rounding) plus f32
+/// summation error. The work is split over rayon's pool like [`matvec`]. candle 0.11's CPU
+/// product waits for its workers by spinning, which measured 4–5× slower per step than an
+/// earlier version of this kernel on a 2-core machine shared with other processes (see
+/// `BENCHMARKS.md`).
 pub fn matvec_q8_0(x: &Tensor, w: &QTensor) -> candle_core::Result<Tensor> {
     let (rows, inner) = x.dims2()?;
     let (out_dim, inner_w) = w.shape().dims2()?;
@@ -339,6 +444,24 @@ pub fn matvec_q8_0(x: &Tensor, w: &QTensor) -> candle_core::Result<Tensor> {
         candle_core::bail!("segue-matvec-q8_0: activations not contiguous");
     };
     let xs = &cpu.as_slice::<f32>()?[o1..o2];
+    let y = q8_0_product(xs, &data, rows, inner, out_dim, q8_0_avx2_available());
+    drop(storage);
+    Tensor::from_vec(y, (rows, out_dim), x.device())
+}
+
+/// The Q8_0 product on slices: `xs` (rows, inner) f32, `data` the (out_dim, inner) Q8_0 weight
+/// bytes (checked by the caller), -> (rows, out_dim). `avx2` requires
+/// [`q8_0_avx2_available`].
+fn q8_0_product(
+    xs: &[f32],
+    data: &[u8],
+    rows: usize,
+    inner: usize,
+    out_dim: usize,
+    avx2: bool,
+) -> Vec<f32> {
+    let row_bytes = inner / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
+    let xq = quantize_q8_0(xs, avx2);
     let mut y = vec![0f32; rows * out_dim];
     let dst = SendPtr(y.as_mut_ptr());
     data.par_chunks(BLOCK * row_bytes)
@@ -346,7 +469,7 @@ pub fn matvec_q8_0(x: &Tensor, w: &QTensor) -> candle_core::Result<Tensor> {
         .for_each(|(bi, wb)| {
             let n = wb.len() / row_bytes;
             let mut buf = [0f32; BLOCK * MAX_ROWS];
-            block_q8_0(wb, xs, inner, row_bytes, rows, &mut buf[..n * rows]);
+            block_q8_0(wb, &xq, inner, row_bytes, rows, avx2, &mut buf[..n * rows]);
             let dst = &dst;
             for (j, vals) in buf[..n * rows].chunks_exact(rows).enumerate() {
                 for (r, &v) in vals.iter().enumerate() {
@@ -355,8 +478,7 @@ pub fn matvec_q8_0(x: &Tensor, w: &QTensor) -> candle_core::Result<Tensor> {
                 }
             }
         });
-    drop(storage);
-    Tensor::from_vec(y, (rows, out_dim), x.device())
+    y
 }
 
 #[cfg(test)]
@@ -395,31 +517,80 @@ mod tests {
         ));
     }
 
-    /// The Q8_0 kernel equals candle's dequantised weight times f32 activations (it does not
-    /// quantise the activations), for every row count.
+    /// The Q8_0 kernel (activations quantised to Q8_0) is within the activation rounding's
+    /// bound of candle's dequantised weight times f32 activations: per output,
+    /// `sum_b (dx_b / 2) · sum_i |w_bi|` plus 1e-5 of `sum_i |w_i x_i|` for f32 summation.
     #[test]
-    fn q8_0_equals_the_dequantised_product() {
+    fn q8_0_within_the_activation_rounding_bound_of_the_dequantised_product() {
         let dev = Device::Cpu;
         for (out, inner) in [(130usize, 96usize), (64, 32), (300, 1024)] {
             let w = Tensor::randn(0f32, 1.0, (out, inner), &dev).unwrap();
             let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-            let wd = q.dequantize(&dev).unwrap();
+            let wd: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             for rows in 1..=MAX_ROWS {
                 let x = Tensor::randn(0f32, 1.0, (rows, inner), &dev).unwrap();
-                let got = matvec_q8_0(&x, &q).unwrap();
-                let want = x.matmul(&wd.t().unwrap()).unwrap();
-                assert_eq!(got.dims(), &[rows, out]);
-                let err: f32 = (got - want)
-                    .unwrap()
-                    .abs()
+                let got: Vec<f32> = matvec_q8_0(&x, &q)
                     .unwrap()
                     .flatten_all()
                     .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
+                    .to_vec1()
                     .unwrap();
-                assert!(err < 1e-3, "out {out} in {inner} rows {rows}: {err}");
+                let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let xq = quantize_q8_0(&xv, false);
+                // The activation rounding itself: |x - d q| <= d / 2.
+                for (i, &v) in xv.iter().enumerate() {
+                    let d = xq.ds[i / Q8_0_BLOCK];
+                    let e = (v - d * f32::from(xq.qs[i])).abs();
+                    assert!(e <= d * 0.5001 + 1e-7, "x[{i}] = {v}: error {e}, d {d}");
+                }
+                assert_eq!(got.len(), rows * out);
+                let nb = inner / Q8_0_BLOCK;
+                let mut worst = 0f64;
+                for r in 0..rows {
+                    for o in 0..out {
+                        let wr = &wd[o * inner..(o + 1) * inner];
+                        let xr = &xv[r * inner..(r + 1) * inner];
+                        let want: f64 = wr
+                            .iter()
+                            .zip(xr)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum();
+                        let mag: f64 = wr
+                            .iter()
+                            .zip(xr)
+                            .map(|(&a, &b)| f64::from((a * b).abs()))
+                            .sum();
+                        let bound: f64 = (0..nb)
+                            .map(|b| {
+                                let dx = f64::from(xq.ds[r * nb + b]);
+                                let aw: f64 = wr[b * Q8_0_BLOCK..(b + 1) * Q8_0_BLOCK]
+                                    .iter()
+                                    .map(|v| f64::from(v.abs()))
+                                    .sum();
+                                dx / 2.0 * aw
+                            })
+                            .sum::<f64>()
+                            + 1e-5 * mag
+                            + 1e-6;
+                        let err = (f64::from(got[r * out + o]) - want).abs();
+                        assert!(
+                            err <= bound,
+                            "out {out} in {inner} rows {rows} ({r}, {o}): {err} > {bound}"
+                        );
+                        worst = worst.max(err / bound);
+                    }
+                }
+                // The bound is not vacuous: the rounding error is a sizeable part of it.
+                assert!(
+                    worst > 0.01,
+                    "out {out} in {inner} rows {rows}: worst {worst}"
+                );
             }
         }
         // Not Q8_0, or too many rows: an error, not a panic.
@@ -430,5 +601,56 @@ mod tests {
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let x = Tensor::zeros((MAX_ROWS + 1, 256), DType::F32, &dev).unwrap();
         assert!(matvec_q8_0(&x, &q8).is_err());
+    }
+
+    /// The AVX2 kernel and the generic one compute the same sums (integer block dots, f32
+    /// scale products) and differ only in f32 summation order: within 1e-5 of `sum |w x|`.
+    #[test]
+    fn q8_0_avx2_equals_generic() {
+        if !q8_0_avx2_available() {
+            eprintln!("AVX2/FMA/F16C absent: only the generic Q8_0 kernel can run here");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (out, inner) in [(130usize, 96usize), (64, 32), (300, 1024)] {
+            let w = Tensor::randn(0f32, 1.0, (out, inner), &dev).unwrap();
+            let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            let data = q.data().unwrap();
+            let wd: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for rows in 1..=MAX_ROWS {
+                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (rows, inner), &dev)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let a = quantize_q8_0(&x, true);
+                let g = quantize_q8_0(&x, false);
+                assert_eq!(a.qs, g.qs);
+                assert_eq!(a.ds, g.ds);
+                let fast = q8_0_product(&x, &data, rows, inner, out, true);
+                let slow = q8_0_product(&x, &data, rows, inner, out, false);
+                for r in 0..rows {
+                    for o in 0..out {
+                        let mag: f32 = wd[o * inner..(o + 1) * inner]
+                            .iter()
+                            .zip(&x[r * inner..(r + 1) * inner])
+                            .map(|(a, b)| (a * b).abs())
+                            .sum();
+                        let (f, s) = (fast[r * out + o], slow[r * out + o]);
+                        assert!(
+                            (f - s).abs() <= 1e-5 * mag + 1e-6,
+                            "rows {rows} ({r}, {o}): {f} vs {s}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
