@@ -598,18 +598,7 @@ impl Worker {
         let takes = request.takes;
         let (_, client) = self.engine.as_ref().ok_or("no engine")?;
         let id = client.generate(request, Policy::Replace);
-        self.job = Some(Job {
-            id,
-            anchor,
-            info,
-            kind,
-            expected_frames,
-            streams: (0..takes).map(|_| None).collect(),
-            gone: vec![false; takes],
-            progress: None,
-            progress_at: None,
-            chunk_delay_s: 0.0,
-        });
+        self.job = Some(Job::new(id, anchor, info, kind, expected_frames, takes));
         Ok(())
     }
 
@@ -1022,6 +1011,30 @@ struct JobPace {
 }
 
 impl Job {
+    /// A job of `takes` takes of `expected_frames` continuation frames each (32 kHz), before
+    /// any event arrived.
+    fn new(
+        id: JobId,
+        anchor: Option<TakeAnchor>,
+        info: GenerationInfo,
+        kind: JobKind,
+        expected_frames: usize,
+        takes: usize,
+    ) -> Job {
+        Job {
+            id,
+            anchor,
+            info,
+            kind,
+            expected_frames,
+            streams: (0..takes).map(|_| None).collect(),
+            gone: vec![false; takes],
+            progress: None,
+            progress_at: None,
+            chunk_delay_s: 0.0,
+        }
+    }
+
     fn pace(&self) -> JobPace {
         JobPace {
             progress: self.progress,
@@ -1088,21 +1101,11 @@ mod tests {
     }
 
     fn job(id: JobId, kind: JobKind, expected_frames: usize, takes: usize) -> Job {
-        Job {
-            id,
-            anchor: Some(anchor()),
-            info: GenerationInfo {
-                continuation_bars: 1.0,
-                ..GenerationInfo::default()
-            },
-            kind,
-            expected_frames,
-            streams: (0..takes).map(|_| None).collect(),
-            gone: vec![false; takes],
-            progress: None,
-            progress_at: None,
-            chunk_delay_s: 0.0,
-        }
+        let info = GenerationInfo {
+            continuation_bars: 1.0,
+            ..GenerationInfo::default()
+        };
+        Job::new(id, Some(anchor()), info, kind, expected_frames, takes)
     }
 
     /// Mono audio with every sample different, some beyond the 16-bit grid.

@@ -506,6 +506,14 @@ impl TakeStore {
         self.entries.iter().find(|e| e.id == id)
     }
 
+    /// The take with this id, to change.
+    fn entry_mut(&mut self, id: TakeId) -> Result<&mut TakeEntry, StoreError> {
+        self.entries
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or(StoreError::NoSuchTake(id))
+    }
+
     /// The selected take's id.
     pub fn selected(&self) -> Option<TakeId> {
         self.selected
@@ -544,11 +552,7 @@ impl TakeStore {
         id: TakeId,
         planar: &[S],
     ) -> Result<(), StoreError> {
-        let entry = self
-            .entries
-            .iter_mut()
-            .find(|e| e.id == id)
-            .ok_or(StoreError::NoSuchTake(id))?;
+        let entry = self.entry_mut(id)?;
         let source = &mut entry.source.channels;
         let frames = planar.first().map_or(0, |c| c.as_ref().len());
         if planar.len() != source.len() || planar.iter().any(|c| c.as_ref().len() != frames) {
@@ -589,11 +593,7 @@ impl TakeStore {
         take: Arc<Take>,
         source: SourceAudio,
     ) -> Result<(), StoreError> {
-        let entry = self
-            .entries
-            .iter_mut()
-            .find(|e| e.id == id)
-            .ok_or(StoreError::NoSuchTake(id))?;
+        let entry = self.entry_mut(id)?;
         debug_assert_eq!(take.id(), id);
         let old = std::mem::replace(&mut entry.take, take);
         entry.source = source;
@@ -607,11 +607,7 @@ impl TakeStore {
 
     /// Replaces the generation settings a take is saved with.
     pub fn set_info(&mut self, id: TakeId, info: GenerationInfo) -> Result<(), StoreError> {
-        let entry = self
-            .entries
-            .iter_mut()
-            .find(|e| e.id == id)
-            .ok_or(StoreError::NoSuchTake(id))?;
+        let entry = self.entry_mut(id)?;
         entry.info = info;
         Ok(())
     }
@@ -628,11 +624,7 @@ impl TakeStore {
 
     /// Renames a take.
     pub fn rename(&mut self, id: TakeId, name: &str) -> Result<(), StoreError> {
-        let entry = self
-            .entries
-            .iter_mut()
-            .find(|e| e.id == id)
-            .ok_or(StoreError::NoSuchTake(id))?;
+        let entry = self.entry_mut(id)?;
         entry.name = name.to_owned();
         Ok(())
     }
