@@ -65,6 +65,18 @@ impl Audio {
         }
     }
 
+    /// A copy of the audio from frame `from` on (empty channels when `from` is past the end).
+    pub fn from_frame(&self, from: usize) -> Audio {
+        Audio {
+            sample_rate: self.sample_rate,
+            channels: self
+                .channels
+                .iter()
+                .map(|c| c[from.min(c.len())..].to_vec())
+                .collect(),
+        }
+    }
+
     /// Converts to `n` channels: `n == 1` averages all channels (mixdown); a mono source is
     /// duplicated; otherwise output channel `j` averages the source channels `c` with
     /// `c % n == j` when narrowing, and copies source channel `j % source_channels` when widening.

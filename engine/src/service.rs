@@ -278,15 +278,7 @@ pub struct TakeMeta {
 impl Take {
     /// Only the new audio (after the prompt).
     pub fn continuation(&self) -> Audio {
-        Audio {
-            sample_rate: self.audio.sample_rate,
-            channels: self
-                .audio
-                .channels
-                .iter()
-                .map(|c| c[self.prompt_samples.min(c.len())..].to_vec())
-                .collect(),
-        }
+        self.audio.from_frame(self.prompt_samples)
     }
 }
 
