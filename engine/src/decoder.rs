@@ -11,10 +11,15 @@
 //! generations. Everything that changes while generating lives in a [`DecoderState`] built per
 //! generation by [`Decoder::new_state`]: the self-attention key/value cache, preallocated for the
 //! requested length and written in place, and the cross-attention keys/values, computed once.
+//!
+//! Two paths run the layers: candle tensor operations (prefill, every device and dtype), and on
+//! the CPU in f32 a step path on preallocated slices ([`host_step`]); both write the same cache.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Activation, LayerNorm, VarBuilder};
+
+mod host_step;
 
 /// Errors of the decoder: bad configuration, shapes that do not fit, and tensor errors (which
 /// name the missing or mis-shaped weight when loading).
@@ -445,6 +450,8 @@ pub struct DecoderState {
     layers: Vec<LayerState>,
     /// Additive cross-attention mask, 0 or a large negative value: (batch, 1, 1, cond_len).
     cross_mask: Tensor,
+    /// Buffers of the CPU f32 step path ([`host_step`]); `None` where it does not apply.
+    host: Option<host_step::HostScratch>,
 }
 
 impl DecoderState {
@@ -483,6 +490,8 @@ pub struct Decoder {
     device: Device,
     /// Few-row products on [`crate::matvec`] (CPU, f32).
     host_kernels: bool,
+    /// Single-position feeds on [`host_step`] where it applies (CPU, f32, host kernels on).
+    host_step: bool,
 }
 
 impl Decoder {
@@ -556,6 +565,7 @@ impl Decoder {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             host_kernels: true,
+            host_step: true,
         })
     }
 
@@ -568,6 +578,13 @@ impl Decoder {
     /// default.
     pub fn set_host_kernels(&mut self, on: bool) {
         self.host_kernels = on;
+    }
+
+    /// Runs single-position feeds (decoder steps) through candle tensor operations instead of
+    /// the CPU step path on preallocated slices when `false` (slower; kept to compare them).
+    /// On by default; it applies on the CPU in f32 with the host kernels on.
+    pub fn set_host_step(&mut self, on: bool) {
+        self.host_step = on;
     }
     /// How each linear layer is stored: per layer the self-attention q/k/v (stacked), its
     /// output, the cross-attention query, keys/values (stacked) and output, fc1, fc2; then the
@@ -693,12 +710,17 @@ impl Decoder {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let host = (self.device.is_cpu()
+            && self.dtype == DType::F32
+            && batch <= crate::matvec::MAX_ROWS)
+            .then(|| host_step::HostScratch::new(self, batch, capacity, cond_len));
         Ok(DecoderState {
             batch,
             capacity,
             pos: 0,
             layers,
             cross_mask,
+            host,
         })
     }
 
@@ -755,6 +777,9 @@ impl Decoder {
             });
         }
         let ids = ids.to_device(&self.device)?.to_dtype(DType::U32)?;
+        if self.host_step_applies(state, t) {
+            return self.host_step(state, &ids);
+        }
         let chunk = chunk.max(1);
         let mut from = 0;
         while t - from > chunk {
@@ -1064,6 +1089,65 @@ mod tests {
             let (e1, e2) = (rel_err(&w1, &c1), rel_err(&w2, &c2));
             assert!(e1 < 1e-5 && e2 < 1e-5, "chunk {chunk}: {e1}, {e2}");
         }
+    }
+
+    /// The CPU f32 step path (`host_step`) gives the tensor path's logits, step after step,
+    /// for dense f32 and Q8_0 weights, with guidance's all-masked null condition, and shares
+    /// the cache with it: steps interleaved with multi-position feeds (tensor path) agree too.
+    #[test]
+    fn host_step_equals_the_tensor_path() {
+        let cfg = DecoderConfig {
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            ffn_dim: 128,
+            vocab_size: 32,
+            pad_token_id: 32,
+            bos_token_id: 32,
+            max_position_embeddings: 64,
+            ..DecoderConfig::default()
+        };
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let cond = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
+        let mask = Tensor::from_vec(vec![1f32, 1., 0., 0., 0., 0.], (2, 3), &dev).unwrap();
+        let ids = |n: usize, seed: u32| {
+            let v: Vec<u32> = (0..2 * 4 * n as u32).map(|i| (i * 7 + seed) % 33).collect();
+            Tensor::from_vec(v, (2, 4, n), &dev).unwrap()
+        };
+        // Against the tensor path with the same product kernels (f32 and Q8_0: equal up to
+        // summation order), and for f32 against candle's own matmul too.
+        for (quant, kernels, tol) in [
+            (None, true, 1e-5),
+            (None, false, 1e-5),
+            (Some(Quant::Q8_0), true, 1e-3),
+        ] {
+            let host = Decoder::new_quantized(&cfg, vb.pp("decoder"), quant).unwrap();
+            let mut tensor = host.clone();
+            tensor.set_host_step(false);
+            tensor.set_host_kernels(kernels);
+            let mut a = host.new_state(&cond, &mask, 40).unwrap();
+            let mut b = tensor.new_state(&cond, &mask, 40).unwrap();
+            assert!(host.host_step_applies(&a, 1) && !tensor.host_step_applies(&b, 1));
+            // Prefill, steps, a multi-position feed in the middle, steps again.
+            let feeds = [5, 1, 1, 1, 3, 1, 1];
+            for (i, &n) in feeds.iter().enumerate() {
+                let x = ids(n, i as u32);
+                let la = host.forward(&mut a, &x).unwrap();
+                let lb = tensor.forward(&mut b, &x).unwrap();
+                assert_eq!(la.dims(), &[2, 4, 32]);
+                let e = rel_err(&lb, &la);
+                assert!(e < tol, "{quant:?} {kernels}, feed {i} ({n} positions): {e}");
+                assert_eq!(a.position(), b.position());
+            }
+        }
+        // A token id outside the tables is an error, not a panic.
+        let dec = Decoder::new(&cfg, vb.pp("decoder")).unwrap();
+        let mut st = dec.new_state(&cond, &mask, 4).unwrap();
+        let bad = Tensor::from_vec(vec![33u32; 8], (2, 4, 1), &dev).unwrap();
+        assert!(dec.forward(&mut st, &bad).is_err());
+        assert_eq!(st.position(), 0);
     }
 
     #[test]

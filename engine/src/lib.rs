@@ -17,6 +17,7 @@
 
 pub mod audio;
 pub mod codec;
+pub(crate) mod cpu_ops;
 pub mod decoder;
 pub mod generate;
 pub mod hub;

@@ -154,25 +154,8 @@ impl candle_core::CustomOp2 for MatVec {
                 l2.shape()
             );
         }
-        // (rows, out): each parallel task computes a block of output columns into a stack
-        // buffer laid out (block, rows) and scatters it into its own columns of `y`.
         let mut y = vec![0f32; rows * out_dim];
-        let dst = SendPtr(y.as_mut_ptr());
-        w.par_chunks(BLOCK * inner)
-            .enumerate()
-            .for_each(|(bi, wb)| {
-                let n = wb.len() / inner;
-                let mut buf = [0f32; BLOCK * MAX_ROWS];
-                block(wb, x, inner, rows, &mut buf[..n * rows]);
-                let dst = &dst;
-                for (j, vals) in buf[..n * rows].chunks_exact(rows).enumerate() {
-                    for (r, &v) in vals.iter().enumerate() {
-                        // SAFETY: column bi * BLOCK + j < out_dim of row r < rows is inside
-                        // `y`, and no other task writes the columns of block `bi`.
-                        unsafe { *dst.0.add(r * out_dim + bi * BLOCK + j) = v };
-                    }
-                }
-            });
+        matvec_into(x, rows, w, inner, &mut y);
         Ok((CpuStorage::F32(y), Shape::from_dims(&[rows, out_dim])))
     }
 }
@@ -191,6 +174,46 @@ pub fn matvec(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &MatVec)
 }
 
+/// Splits the `out_dim` output columns of a `rows`-row product into blocks of [`BLOCK`] on
+/// rayon's pool: `task(block index, block's first output row, its outputs laid out (block,
+/// rows))` fills the stack buffer it is given, which is then scattered into `y` (rows,
+/// out_dim). Shared by the f32 and Q8_0 products.
+fn par_blocks(
+    rows: usize,
+    out_dim: usize,
+    y: &mut [f32],
+    task: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    assert!(rows <= MAX_ROWS && y.len() >= rows * out_dim);
+    let dst = SendPtr(y.as_mut_ptr());
+    (0..out_dim.div_ceil(BLOCK)).into_par_iter().for_each(|bi| {
+        let n = BLOCK.min(out_dim - bi * BLOCK);
+        let mut buf = [0f32; BLOCK * MAX_ROWS];
+        task(bi * BLOCK, n, &mut buf[..n * rows]);
+        let dst = &dst;
+        for (j, vals) in buf[..n * rows].chunks_exact(rows).enumerate() {
+            for (r, &v) in vals.iter().enumerate() {
+                // SAFETY: column bi * BLOCK + j < out_dim of row r < rows is inside `y`
+                // (asserted above), and no other task writes the columns of block `bi`.
+                unsafe { *dst.0.add(r * out_dim + bi * BLOCK + j) = v };
+            }
+        }
+    });
+}
+
+/// `y` (rows, out) = `x` (rows, inner) · `w`ᵀ on slices, `w` (out, inner) row-major f32, with
+/// `1 <= rows <= MAX_ROWS`; `y` is caller-owned (a decoder step's preallocated buffer).
+///
+/// # Panics
+/// If the slice lengths do not match the shapes (a bug in the caller).
+pub fn matvec_into(x: &[f32], rows: usize, w: &[f32], inner: usize, y: &mut [f32]) {
+    assert!(rows >= 1 && x.len() == rows * inner && w.len().is_multiple_of(inner));
+    let out_dim = w.len() / inner;
+    par_blocks(rows, out_dim, y, |first, n, buf| {
+        block(&w[first * inner..(first + n) * inner], x, inner, rows, buf);
+    });
+}
+
 /// Bytes of one Q8_0 block: an f16 scale and 32 signed 8-bit weights (ggml's `block_q8_0`).
 const Q8_0_BLOCK_BYTES: usize = 34;
 /// Weights per Q8_0 block.
@@ -205,6 +228,7 @@ fn q8_0_scale(block: &[u8]) -> f32 {
 /// Activation rows quantised to Q8_0 once per product: per block of 32 values a scale
 /// `d = absmax / 127` (f32) and 32 signed 8-bit values `q = round(x / d)` (ties to even), so
 /// that `x ≈ d * q` with an error of at most `d / 2` per value.
+#[derive(Debug, Default)]
 struct QuantRows {
     /// (rows, in) signed 8-bit values.
     qs: Vec<i8>,
@@ -246,19 +270,22 @@ unsafe fn quantize_q8_0_avx2(x: &[f32], qs: &mut [i8], ds: &mut [f32]) {
     quantize_q8_0_body(x, qs, ds)
 }
 
-/// Quantises `x` (`len` a multiple of 32) to Q8_0; `avx2` picks the vectorised build.
-fn quantize_q8_0(x: &[f32], avx2: bool) -> QuantRows {
-    let mut qs = vec![0i8; x.len()];
-    let mut ds = vec![0f32; x.len() / Q8_0_BLOCK];
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the caller checked the feature.
-        unsafe { quantize_q8_0_avx2(x, &mut qs, &mut ds) };
-        return QuantRows { qs, ds };
+impl QuantRows {
+    /// Quantises `x` (`len` a multiple of 32) into `self`, reusing its buffers; `avx2` picks
+    /// the vectorised build.
+    fn quantize(&mut self, x: &[f32], avx2: bool) {
+        self.qs.resize(x.len(), 0);
+        self.ds.resize(x.len() / Q8_0_BLOCK, 0.0);
+        let (qs, ds) = (&mut self.qs[..x.len()], &mut self.ds[..x.len() / Q8_0_BLOCK]);
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the caller checked the feature.
+            unsafe { quantize_q8_0_avx2(x, qs, ds) };
+            return;
+        }
+        let _ = avx2;
+        quantize_q8_0_body(x, qs, ds);
     }
-    let _ = avx2;
-    quantize_q8_0_body(x, &mut qs, &mut ds);
-    QuantRows { qs, ds }
 }
 
 /// `out[r] = sum_b dw_b * dx_rb * sum_i w_bi * q_rbi` over one Q8_0 weight row (`row`: its
@@ -460,31 +487,89 @@ fn q8_0_product(
     out_dim: usize,
     avx2: bool,
 ) -> Vec<f32> {
-    let row_bytes = inner / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
-    let xq = quantize_q8_0(xs, avx2);
+    let mut xq = QuantRows::default();
     let mut y = vec![0f32; rows * out_dim];
-    let dst = SendPtr(y.as_mut_ptr());
-    data.par_chunks(BLOCK * row_bytes)
-        .enumerate()
-        .for_each(|(bi, wb)| {
-            let n = wb.len() / row_bytes;
-            let mut buf = [0f32; BLOCK * MAX_ROWS];
-            block_q8_0(wb, &xq, inner, row_bytes, rows, avx2, &mut buf[..n * rows]);
-            let dst = &dst;
-            for (j, vals) in buf[..n * rows].chunks_exact(rows).enumerate() {
-                for (r, &v) in vals.iter().enumerate() {
-                    // SAFETY: as in `MatVec::cpu_fwd`: inside `y`, columns owned by block `bi`.
-                    unsafe { *dst.0.add(r * out_dim + bi * BLOCK + j) = v };
-                }
-            }
-        });
+    q8_0_into(xs, rows, data, inner, &mut xq, avx2, &mut y);
     y
+}
+
+/// [`q8_0_product`] into caller-owned buffers: `xq` holds the quantised activations (grown
+/// on first use, then reused), `y` (rows, out_dim).
+fn q8_0_into(
+    xs: &[f32],
+    rows: usize,
+    data: &[u8],
+    inner: usize,
+    xq: &mut QuantRows,
+    avx2: bool,
+    y: &mut [f32],
+) {
+    let row_bytes = inner / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
+    let out_dim = data.len() / row_bytes;
+    xq.quantize(xs, avx2);
+    let xq = &*xq;
+    par_blocks(rows, out_dim, y, |first, n, buf| {
+        let wb = &data[first * row_bytes..(first + n) * row_bytes];
+        block_q8_0(wb, xq, inner, row_bytes, rows, avx2, buf);
+    });
+}
+
+/// Scratch of a Q8_0 product that a caller keeps between products (a decoder step): the
+/// quantised activations.
+#[derive(Debug, Default)]
+pub struct Q8Scratch(QuantRows);
+
+/// `y` (rows, out) = `x` (rows, inner) · `w`ᵀ for a Q8_0 weight `w` (out, inner) on the CPU,
+/// as [`matvec_q8_0`] but on slices and into caller-owned `y`, with `scratch` reused between
+/// calls (no allocation once it has grown to the widest input). Errors when `w` is not a CPU
+/// Q8_0 weight of width `inner` (a multiple of 32) or `rows` is outside `1..=MAX_ROWS`.
+pub fn matvec_q8_0_into(
+    x: &[f32],
+    rows: usize,
+    w: &QTensor,
+    scratch: &mut Q8Scratch,
+    y: &mut [f32],
+) -> candle_core::Result<()> {
+    let (out_dim, inner) = w.shape().dims2()?;
+    if w.dtype() != GgmlDType::Q8_0
+        || !inner.is_multiple_of(Q8_0_BLOCK)
+        || rows == 0
+        || rows > MAX_ROWS
+        || x.len() != rows * inner
+        || y.len() != rows * out_dim
+    {
+        candle_core::bail!(
+            "segue-matvec-q8_0: unsupported product ({rows}, {}) x {:?}ᵀ ({:?}) into {}",
+            x.len() / rows.max(1),
+            w.shape(),
+            w.dtype(),
+            y.len()
+        );
+    }
+    let data = w.data()?;
+    let std::borrow::Cow::Borrowed(data) = data else {
+        candle_core::bail!("segue-matvec-q8_0: weight not in host memory");
+    };
+    if data.len() != out_dim * (inner / Q8_0_BLOCK * Q8_0_BLOCK_BYTES) {
+        candle_core::bail!(
+            "segue-matvec-q8_0: {} bytes for a ({out_dim}, {inner}) Q8_0 weight",
+            data.len()
+        );
+    }
+    q8_0_into(x, rows, data, inner, &mut scratch.0, q8_0_avx2_available(), y);
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    fn quantize_q8_0(x: &[f32], avx2: bool) -> QuantRows {
+        let mut q = QuantRows::default();
+        q.quantize(x, avx2);
+        q
+    }
 
     #[test]
     fn equals_matmul_for_every_row_count_and_odd_widths() {

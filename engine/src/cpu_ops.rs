@@ -1,0 +1,393 @@
+//! Slice kernels of the decoder's CPU step (see `decoder::host_step`): layer norm, the
+//! feed-forward activations, and attention of a few query rows over a key/value cache.
+//!
+//! A decoder step on the CPU is a few activation rows pushed through large weights; everything
+//! between the weight products is small, and run as candle tensor operations it costs more in
+//! dispatch, allocation and single-threaded transcendental functions than in arithmetic
+//! (measured: about a third of a Q8_0 step). These kernels work on caller-owned slices, use
+//! eight independent accumulator lanes so that the compiler vectorises them, and are compiled
+//! twice: generic, and with AVX2/FMA on x86-64 when the processor has them (checked at run time).
+//! `exp` and `erf` are polynomial approximations written as plain arithmetic so that they
+//! vectorise too (relative error of `exp` about 2e-7; absolute error of `erf` about 3e-7:
+//! Abramowitz & Stegun 7.1.26's 1.5e-7 plus f32 rounding).
+
+use candle_nn::Activation;
+
+/// 1.5 · 2²³: adding and subtracting it rounds an f32 of magnitude below 2²² to the nearest
+/// integer (ties to even) with plain arithmetic.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// Whether the AVX2/FMA builds can run here.
+#[inline]
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Runs `$body` (an expression using only `#[inline(always)]` functions) compiled with AVX2/FMA
+/// when the processor has them, else as generic code.
+macro_rules! dispatch {
+    ($name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {{
+        #[cfg(target_arch = "x86_64")]
+        let result = {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn $name($($arg: $ty),*) $body
+            if avx2_fma() {
+                // SAFETY: the features were just checked.
+                unsafe { $name($($arg),*) }
+            } else {
+                $body
+            }
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let result = $body;
+        result
+    }};
+}
+
+/// `e^x` for `x <= 88` (values below -87 give 0): Cephes' `expf` (range reduction by ln 2, a
+/// degree-6 polynomial, the power of two built in the exponent bits). Relative error about
+/// 2e-7.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * (r * r) + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// The error function, Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7, about 3e-7 with
+/// the f32 arithmetic).
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_72) * t
+        + 0.254_829_6)
+        * t;
+    let y = 1.0 - poly * exp(-a * a);
+    y.copysign(x)
+}
+
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    // tanh(u) = 1 - 2 / (e^{2u} + 1); e^{2u} saturates (and its reciprocal goes to 0) for
+    // large u, giving ±1.
+    let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+    let th = 1.0 - 2.0 / (exp((2.0 * u).min(88.0)) + 1.0);
+    0.5 * x * (1.0 + th)
+}
+
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + exp((-x).min(88.0)))
+}
+
+/// Applies `act` to `xs` in place. Returns `false` (and leaves `xs` alone) for activations
+/// this module does not implement; the caller then uses candle's.
+pub(crate) fn activation(act: Activation, xs: &mut [f32]) -> bool {
+    #[inline(always)]
+    fn map(xs: &mut [f32], f: impl Fn(f32) -> f32) {
+        for v in xs.iter_mut() {
+            *v = f(*v);
+        }
+    }
+    match act {
+        Activation::Gelu => {
+            dispatch!(gelu_avx2(xs: &mut [f32]) { map(xs, gelu_erf) });
+        }
+        Activation::NewGelu | Activation::GeluPytorchTanh => {
+            dispatch!(gelu_tanh_avx2(xs: &mut [f32]) { map(xs, gelu_tanh) });
+        }
+        Activation::Silu => {
+            dispatch!(silu_avx2(xs: &mut [f32]) { map(xs, silu) });
+        }
+        Activation::Relu => map(xs, |v| v.max(0.0)),
+        _ => return false,
+    }
+    true
+}
+
+/// Sum of `a[i] * b[i]` in eight lanes (vectorisable), then the lanes pairwise.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let main = n - n % 8;
+    let mut acc = [0f32; 8];
+    for (ac, bc) in a[..main].chunks_exact(8).zip(b[..main].chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += ac[j] * bc[j];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in main..n {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let main = a.len() - a.len() % 8;
+    let mut acc = [0f32; 8];
+    for c in a[..main].chunks_exact(8) {
+        for j in 0..8 {
+            acc[j] += c[j];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for v in &a[main..] {
+        s += v;
+    }
+    s
+}
+
+/// Layer norm of each row of `x` (rows of `weight.len()` values) into `out`:
+/// `(x - mean) / sqrt(var + eps) * weight + bias`, biased variance (torch's `LayerNorm`).
+pub(crate) fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    #[inline(always)]
+    fn body(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+        let d = weight.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let mean = sum(xr) / d as f32;
+            for (o, v) in or.iter_mut().zip(xr) {
+                *o = v - mean;
+            }
+            let var = dot(or, or) / d as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for ((o, w), b) in or.iter_mut().zip(weight).zip(bias) {
+                *o = *o * rstd * w + b;
+            }
+        }
+    }
+    dispatch!(layer_norm_avx2(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+        body(x, weight, bias, eps, out)
+    })
+}
+
+/// `acc += other`, element by element.
+pub(crate) fn add_assign(acc: &mut [f32], other: &[f32]) {
+    dispatch!(add_assign_avx2(acc: &mut [f32], other: &[f32]) {
+        for (a, b) in acc.iter_mut().zip(other) {
+            *a += b;
+        }
+    })
+}
+
+/// `xs *= s`, element by element.
+pub(crate) fn scale(xs: &mut [f32], s: f32) {
+    for v in xs.iter_mut() {
+        *v *= s;
+    }
+}
+
+/// One query head attending over `n` cached positions: `q` (head_dim), `keys` and `values`
+/// (n, head_dim) row-major, `mask` an optional additive (n) mask, `scores` (at least n)
+/// scratch; writes `softmax(q · keysᵀ + mask) · values` into `out` (head_dim). The query is
+/// expected pre-scaled by `1 / sqrt(head_dim)`.
+pub(crate) fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    mask: Option<&[f32]>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    #[inline(always)]
+    fn body(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        mask: Option<&[f32]>,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        let n = keys.len() / hd;
+        let scores = &mut scores[..n];
+        for (s, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+            *s = dot(q, k);
+        }
+        if let Some(m) = mask {
+            for (s, m) in scores.iter_mut().zip(m) {
+                *s += m;
+            }
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for s in scores.iter_mut() {
+            *s = exp(*s - max);
+        }
+        let inv = 1.0 / sum(scores);
+        out.fill(0.0);
+        for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+            let p = p * inv;
+            for (o, v) in out.iter_mut().zip(v) {
+                *o += p * v;
+            }
+        }
+    }
+    dispatch!(attend_avx2(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        mask: Option<&[f32]>,
+        scores: &mut [f32],
+        out: &mut [f32]
+    ) {
+        body(q, keys, values, mask, scores, out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// erf in f64: its Taylor series below |x| = 3, the asymptotic series of erfc beyond
+    /// (six terms: error far below 1e-9 there).
+    fn erf64(x: f64) -> f64 {
+        let z = x.abs();
+        if z >= 3.0 {
+            let (mut term, mut s) = (1.0, 1.0);
+            for n in 1..6 {
+                term *= -((2 * n - 1) as f64) / (2.0 * z * z);
+                s += term;
+            }
+            let erfc = (-z * z).exp() / (z * std::f64::consts::PI.sqrt()) * s;
+            return (1.0 - erfc).copysign(x);
+        }
+        let mut term = x;
+        let mut s = x;
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            s += term / (2 * n + 1) as f64;
+        }
+        s * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn exp_is_close_to_libm_and_zero_far_below() {
+        let mut worst = 0f64;
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let got = f64::from(exp(x));
+            let want = f64::from(x).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp(-88.0), 0.0);
+        assert_eq!(exp(-1e9), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn erf_and_activations_match_their_definitions() {
+        let mut worst = 0f64;
+        for i in -600..=600 {
+            let x = i as f32 * 0.01;
+            worst = worst.max((f64::from(erf(x)) - erf64(f64::from(x))).abs());
+        }
+        assert!(worst < 4e-7, "erf error {worst}");
+        assert_eq!(erf(10.0), 1.0);
+        assert_eq!(erf(-10.0), -1.0);
+
+        let xs: Vec<f32> = (-400..=400).map(|i| i as f32 * 0.02).collect();
+        for (act, f) in [
+            (
+                Activation::Gelu,
+                (|x: f64| 0.5 * x * (1.0 + erf64(x / 2f64.sqrt()))) as fn(f64) -> f64,
+            ),
+            (Activation::GeluPytorchTanh, |x: f64| {
+                0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+            }),
+            (Activation::Silu, |x: f64| x / (1.0 + (-x).exp())),
+            (Activation::Relu, |x: f64| x.max(0.0)),
+        ] {
+            let mut got = xs.clone();
+            assert!(activation(act, &mut got));
+            for (&x, &g) in xs.iter().zip(&got) {
+                let want = f(f64::from(x));
+                assert!(
+                    (f64::from(g) - want).abs() < 1e-6 * (1.0 + want.abs()),
+                    "{act:?}({x}) = {g}, want {want}"
+                );
+            }
+        }
+        let mut v = vec![1.0f32];
+        assert!(!activation(Activation::Sigmoid, &mut v));
+        assert_eq!(v, [1.0]);
+    }
+
+    #[test]
+    fn layer_norm_matches_the_two_pass_definition() {
+        let d = 37;
+        let x: Vec<f32> = (0..2 * d).map(|i| ((i * 7919) % 101) as f32 * 0.1 - 3.0).collect();
+        let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..d).map(|i| i as f32 * -0.02).collect();
+        let mut out = vec![0f32; 2 * d];
+        layer_norm(&x, &w, &b, 1e-5, &mut out);
+        for r in 0..2 {
+            let row: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| f64::from(v)).collect();
+            let mean = row.iter().sum::<f64>() / d as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+            for i in 0..d {
+                let want = (row[i] - mean) / (var + 1e-5).sqrt() * f64::from(w[i]) + f64::from(b[i]);
+                assert!((f64::from(out[r * d + i]) - want).abs() < 1e-5, "row {r} col {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn attend_is_softmax_weighted_values_and_masked_rows_give_zero() {
+        let (n, hd) = (13, 12);
+        let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
+        let k: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.11).cos()).collect();
+        let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.07).sin() * 2.0).collect();
+        let mask: Vec<f32> = (0..n).map(|j| if j % 3 == 0 { -1e9 } else { 0.0 }).collect();
+        let mut scores = vec![0f32; n];
+        let mut out = vec![0f32; hd];
+        for m in [None, Some(&mask[..])] {
+            attend(&q, &k, &v, m, &mut scores, &mut out);
+            let s: Vec<f64> = (0..n)
+                .map(|j| {
+                    let d: f64 = (0..hd).map(|i| f64::from(q[i]) * f64::from(k[j * hd + i])).sum();
+                    d + m.map_or(0.0, |m| f64::from(m[j]))
+                })
+                .collect();
+            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for i in 0..hd {
+                let want: f64 = (0..n).map(|j| e[j] / z * f64::from(v[j * hd + i])).sum();
+                assert!((f64::from(out[i]) - want).abs() < 1e-5, "{i}: {} vs {want}", out[i]);
+            }
+        }
+        // Every key masked and zero values (the null condition): exactly 0, not NaN.
+        let all: Vec<f32> = vec![-1e9; n];
+        let zeros = vec![0f32; n * hd];
+        attend(&q, &k, &zeros, Some(&all), &mut scores, &mut out);
+        assert!(out.iter().all(|&o| o == 0.0));
+    }
+}
