@@ -60,8 +60,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let xc = x.clamp(-87.0, 88.0);
     let n = (xc * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
-        * r
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 5.000_000_1e-1;
@@ -320,7 +319,9 @@ mod tests {
                 (|x: f64| 0.5 * x * (1.0 + erf64(x / 2f64.sqrt()))) as fn(f64) -> f64,
             ),
             (Activation::GeluPytorchTanh, |x: f64| {
-                0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+                0.5 * x
+                    * (1.0
+                        + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
             }),
             (Activation::Silu, |x: f64| x / (1.0 + (-x).exp())),
             (Activation::Relu, |x: f64| x.max(0.0)),
@@ -343,18 +344,27 @@ mod tests {
     #[test]
     fn layer_norm_matches_the_two_pass_definition() {
         let d = 37;
-        let x: Vec<f32> = (0..2 * d).map(|i| ((i * 7919) % 101) as f32 * 0.1 - 3.0).collect();
+        let x: Vec<f32> = (0..2 * d)
+            .map(|i| ((i * 7919) % 101) as f32 * 0.1 - 3.0)
+            .collect();
         let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 * 0.01).collect();
         let b: Vec<f32> = (0..d).map(|i| i as f32 * -0.02).collect();
         let mut out = vec![0f32; 2 * d];
         layer_norm(&x, &w, &b, 1e-5, &mut out);
         for r in 0..2 {
-            let row: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| f64::from(v)).collect();
+            let row: Vec<f64> = x[r * d..(r + 1) * d]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
             let mean = row.iter().sum::<f64>() / d as f64;
             let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
             for i in 0..d {
-                let want = (row[i] - mean) / (var + 1e-5).sqrt() * f64::from(w[i]) + f64::from(b[i]);
-                assert!((f64::from(out[r * d + i]) - want).abs() < 1e-5, "row {r} col {i}");
+                let want =
+                    (row[i] - mean) / (var + 1e-5).sqrt() * f64::from(w[i]) + f64::from(b[i]);
+                assert!(
+                    (f64::from(out[r * d + i]) - want).abs() < 1e-5,
+                    "row {r} col {i}"
+                );
             }
         }
     }
@@ -365,14 +375,18 @@ mod tests {
         let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
         let k: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.11).cos()).collect();
         let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.07).sin() * 2.0).collect();
-        let mask: Vec<f32> = (0..n).map(|j| if j % 3 == 0 { -1e9 } else { 0.0 }).collect();
+        let mask: Vec<f32> = (0..n)
+            .map(|j| if j % 3 == 0 { -1e9 } else { 0.0 })
+            .collect();
         let mut scores = vec![0f32; n];
         let mut out = vec![0f32; hd];
         for m in [None, Some(&mask[..])] {
             attend(&q, &k, &v, m, &mut scores, &mut out);
             let s: Vec<f64> = (0..n)
                 .map(|j| {
-                    let d: f64 = (0..hd).map(|i| f64::from(q[i]) * f64::from(k[j * hd + i])).sum();
+                    let d: f64 = (0..hd)
+                        .map(|i| f64::from(q[i]) * f64::from(k[j * hd + i]))
+                        .sum();
                     d + m.map_or(0.0, |m| f64::from(m[j]))
                 })
                 .collect();
@@ -381,7 +395,11 @@ mod tests {
             let z: f64 = e.iter().sum();
             for i in 0..hd {
                 let want: f64 = (0..n).map(|j| e[j] / z * f64::from(v[j * hd + i])).sum();
-                assert!((f64::from(out[i]) - want).abs() < 1e-5, "{i}: {} vs {want}", out[i]);
+                assert!(
+                    (f64::from(out[i]) - want).abs() < 1e-5,
+                    "{i}: {} vs {want}",
+                    out[i]
+                );
             }
         }
         // Every key masked and zero values (the null condition): exactly 0, not NaN.

@@ -710,10 +710,9 @@ impl Decoder {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let host = (self.device.is_cpu()
-            && self.dtype == DType::F32
-            && batch <= crate::matvec::MAX_ROWS)
-            .then(|| host_step::HostScratch::new(self, batch, capacity, cond_len));
+        let host =
+            (self.device.is_cpu() && self.dtype == DType::F32 && batch <= crate::matvec::MAX_ROWS)
+                .then(|| host_step::HostScratch::new(self, batch, capacity, cond_len));
         Ok(DecoderState {
             batch,
             capacity,
@@ -1138,7 +1137,10 @@ mod tests {
                 let lb = tensor.forward(&mut b, &x).unwrap();
                 assert_eq!(la.dims(), &[2, 4, 32]);
                 let e = rel_err(&lb, &la);
-                assert!(e < tol, "{quant:?} {kernels}, feed {i} ({n} positions): {e}");
+                assert!(
+                    e < tol,
+                    "{quant:?} {kernels}, feed {i} ({n} positions): {e}"
+                );
                 assert_eq!(a.position(), b.position());
             }
         }

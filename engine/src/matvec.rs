@@ -216,6 +216,8 @@ pub fn matvec_into(x: &[f32], rows: usize, w: &[f32], inner: usize, y: &mut [f32
 
 /// Bytes of one Q8_0 block: an f16 scale and 32 signed 8-bit weights (ggml's `block_q8_0`).
 const Q8_0_BLOCK_BYTES: usize = 34;
+/// Bytes ahead of the group being computed that the Q8_0 kernel asks the processor to fetch.
+const PREFETCH_AHEAD: usize = 4096;
 /// Weights per Q8_0 block.
 const Q8_0_BLOCK: usize = 32;
 
@@ -276,7 +278,10 @@ impl QuantRows {
     fn quantize(&mut self, x: &[f32], avx2: bool) {
         self.qs.resize(x.len(), 0);
         self.ds.resize(x.len() / Q8_0_BLOCK, 0.0);
-        let (qs, ds) = (&mut self.qs[..x.len()], &mut self.ds[..x.len() / Q8_0_BLOCK]);
+        let (qs, ds) = (
+            &mut self.qs[..x.len()],
+            &mut self.ds[..x.len() / Q8_0_BLOCK],
+        );
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: the caller checked the feature.
@@ -344,18 +349,56 @@ unsafe fn q8_0_row_avx2<const R: usize>(row: &[u8], x: &QuantRows, n: usize, out
             *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), d, *a);
         }
     };
-    // Two blocks per iteration into two accumulator sets: twice the independent loads and
-    // FMA chains in flight.
+    // Groups of eight blocks: the eight weight scales are gathered into one vector and
+    // multiplied by the activation rows' eight scales once per group, and each block's
+    // scale is picked from that vector by a lane permute, instead of a scalar conversion,
+    // multiplication and broadcast per block and row (the kernel is bound by instruction
+    // throughput, not memory, on a 2-core AVX2 machine: measured 20 GB/s with the weight in
+    // cache against 17 GB/s streamed). Two accumulator sets, alternating by block, keep two
+    // FMA chains in flight per row.
     let mut acc = [_mm256_setzero_ps(); R];
     let mut acc1 = [_mm256_setzero_ps(); R];
     let rp = row.as_ptr();
-    let mut b = 0;
-    while b + 1 < nb {
-        step(&mut acc, b, rp.add(b * Q8_0_BLOCK_BYTES));
-        step(&mut acc1, b + 1, rp.add((b + 1) * Q8_0_BLOCK_BYTES));
-        b += 2;
+    let groups = nb / 8;
+    for g in 0..groups {
+        let b0 = g * 8;
+        let gp = rp.add(b0 * Q8_0_BLOCK_BYTES);
+        for l in 0..5 {
+            _mm_prefetch::<_MM_HINT_T0>(gp.wrapping_add(PREFETCH_AHEAD + l * 64) as *const i8);
+        }
+        let sc = |k: usize| (gp.add(k * Q8_0_BLOCK_BYTES) as *const i16).read_unaligned();
+        let dw = _mm256_cvtph_ps(_mm_setr_epi16(
+            sc(0),
+            sc(1),
+            sc(2),
+            sc(3),
+            sc(4),
+            sc(5),
+            sc(6),
+            sc(7),
+        ));
+        let mut dv = [_mm256_setzero_ps(); R];
+        for (r, d) in dv.iter_mut().enumerate() {
+            *d = _mm256_mul_ps(dw, _mm256_loadu_ps(xd.add(r * nb + b0)));
+        }
+        let mut block_k = |a: &mut [__m256; R], k: usize| {
+            let w = _mm256_loadu_si256(gp.add(k * Q8_0_BLOCK_BYTES + 2) as *const __m256i);
+            let aw = _mm256_sign_epi8(w, w);
+            let idx = _mm256_set1_epi32(k as i32);
+            for r in 0..R {
+                let y = _mm256_loadu_si256(xq.add(r * n + (b0 + k) * Q8_0_BLOCK) as *const __m256i);
+                let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(y, w)), ones);
+                let d = _mm256_permutevar8x32_ps(dv[r], idx);
+                a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), d, a[r]);
+            }
+        };
+        for k in (0..8).step_by(2) {
+            block_k(&mut acc, k);
+            block_k(&mut acc1, k + 1);
+        }
     }
-    if b < nb {
+    // The blocks after the last whole group, one at a time.
+    for b in groups * 8..nb {
         step(&mut acc, b, rp.add(b * Q8_0_BLOCK_BYTES));
     }
     for (a, a1) in acc.iter_mut().zip(acc1) {
@@ -556,7 +599,15 @@ pub fn matvec_q8_0_into(
             data.len()
         );
     }
-    q8_0_into(x, rows, data, inner, &mut scratch.0, q8_0_avx2_available(), y);
+    q8_0_into(
+        x,
+        rows,
+        data,
+        inner,
+        &mut scratch.0,
+        q8_0_avx2_available(),
+        y,
+    );
     Ok(())
 }
 
@@ -697,7 +748,7 @@ mod tests {
             return;
         }
         let dev = Device::Cpu;
-        for (out, inner) in [(130usize, 96usize), (64, 32), (300, 1024)] {
+        for (out, inner) in [(130usize, 96usize), (64, 32), (300, 1024), (70, 320)] {
             let w = Tensor::randn(0f32, 1.0, (out, inner), &dev).unwrap();
             let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
             let data = q.data().unwrap();
@@ -736,6 +787,51 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+
+    /// Not a test: prints the Q8_0 kernel's throughput on weights resident in cache and
+    /// streamed from memory. `cargo test --release -p segue-engine --lib q8_0_throughput --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn q8_0_throughput() {
+        let dev = candle_core::Device::Cpu;
+        for (mats, out, inner) in [
+            (1usize, 256usize, 1024usize),
+            (1, 1024, 1024),
+            (96, 4096, 1024),
+        ] {
+            let ws: Vec<QTensor> = (0..mats)
+                .map(|_| {
+                    let w = Tensor::randn(0f32, 1.0, (out, inner), &dev).unwrap();
+                    QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()
+                })
+                .collect();
+            let x = vec![0.5f32; 2 * inner];
+            let mut y = vec![0f32; 2 * out];
+            let mut s = Q8Scratch::default();
+            let bytes = out * inner / 32 * 34;
+            let reps = (2_000_000_000 / (bytes * mats)).max(1);
+            let t = std::time::Instant::now();
+            rayon::scope(|_| {
+                for _ in 0..reps {
+                    for w in &ws {
+                        matvec_q8_0_into(&x, 2, w, &mut s, &mut y).unwrap();
+                    }
+                }
+            });
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{mats} x ({out}, {inner}): {:.1} GB/s, {:.1} us per product",
+                (bytes * mats * reps) as f64 / secs / 1e9,
+                secs / (reps * mats) as f64 * 1e6
+            );
         }
     }
 }

@@ -84,7 +84,9 @@ fn norm_rows(norm: &LayerNorm, x: &[f32], out: &mut [f32]) -> candle_core::Resul
         .bias()
         .ok_or_else(|| candle_core::Error::Msg("host step: layer norm without bias".into()))?;
     with_f32(norm.weight(), |w| {
-        with_f32(bias, |b| cpu_ops::layer_norm(x, w, b, norm.eps() as f32, out))
+        with_f32(bias, |b| {
+            cpu_ops::layer_norm(x, w, b, norm.eps() as f32, out)
+        })
     })?
 }
 
@@ -286,7 +288,9 @@ impl Decoder {
         for (layer, ls) in self.layers.iter().zip(&state.layers) {
             // Self-attention.
             norm_rows(&layer.self_attn_norm, &s.x, &mut s.h)?;
-            layer.self_qkv.forward_host(&s.h, b, &mut s.q8, &mut s.qkv)?;
+            layer
+                .self_qkv
+                .forward_host(&s.h, b, &mut s.q8, &mut s.qkv)?;
             for r in 0..b {
                 cpu_ops::scale(&mut s.qkv[r * 3 * d..r * 3 * d + d], scale);
             }
@@ -316,7 +320,9 @@ impl Decoder {
                 &mut s.scores,
                 &mut s.attn,
             )?;
-            layer.self_out.forward_host(&s.attn, b, &mut s.q8, &mut s.out)?;
+            layer
+                .self_out
+                .forward_host(&s.attn, b, &mut s.q8, &mut s.out)?;
             cpu_ops::add_assign(&mut s.x, &s.out);
 
             // Cross-attention over the condition.
@@ -339,7 +345,9 @@ impl Decoder {
                     &mut s.attn,
                 )
             })??;
-            layer.cross_out.forward_host(&s.attn, b, &mut s.q8, &mut s.out)?;
+            layer
+                .cross_out
+                .forward_host(&s.attn, b, &mut s.q8, &mut s.out)?;
             cpu_ops::add_assign(&mut s.x, &s.out);
 
             // Feed-forward.
