@@ -248,16 +248,98 @@ pub(crate) fn attend(
             }
         }
     }
-    dispatch!(attend_avx2(
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        mask: Option<&[f32]>,
-        scores: &mut [f32],
-        out: &mut [f32]
-    ) {
-        body(q, keys, values, mask, scores, out)
-    })
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        macro_rules! heads {
+            ($($c:literal),*) => {
+                match q.len() {
+                    $(n if n == 8 * $c => {
+                        // SAFETY: the features were just checked; `q.len() == 8 * $c`.
+                        return unsafe { attend_avx2::<$c>(q, keys, values, mask, scores, out) };
+                    })*
+                    _ => {}
+                }
+            };
+        }
+        heads!(1, 2, 4, 8, 12, 16);
+    }
+    body(q, keys, values, mask, scores, out)
+}
+
+/// [`attend`] for a head width of `8 * C` with AVX2/FMA intrinsics: the query lives in `C`
+/// registers; scores are computed four keys at a time (four independent FMA chains, one
+/// horizontal reduction for the four); the output accumulates in `C` registers over all keys
+/// and is normalised once at the end.
+///
+/// # Safety
+/// The processor must support AVX2 and FMA; `q.len() == 8 * C` and the other slices as in
+/// [`attend`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2<const C: usize>(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    mask: Option<&[f32]>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let hd = 8 * C;
+    let n = keys.len() / hd;
+    assert!(q.len() == hd && values.len() >= n * hd && scores.len() >= n && out.len() >= hd);
+    let scores = &mut scores[..n];
+    let (kp, vp, sp) = (keys.as_ptr(), values.as_ptr(), scores.as_mut_ptr());
+    let mut qv = [_mm256_setzero_ps(); C];
+    for (c, v) in qv.iter_mut().enumerate() {
+        *v = _mm256_loadu_ps(q.as_ptr().add(8 * c));
+    }
+    let mut j = 0;
+    while j + 4 <= n {
+        let mut a = [_mm256_setzero_ps(); 4];
+        for (c, qc) in qv.iter().enumerate() {
+            for (t, at) in a.iter_mut().enumerate() {
+                *at = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(kp.add((j + t) * hd + 8 * c)), *at);
+            }
+        }
+        // [a0 a1 a2 a3] lane sums: pairwise within 128-bit halves, then the halves added.
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(sp.add(j), s4);
+        j += 4;
+    }
+    while j < n {
+        let mut a = _mm256_setzero_ps();
+        for (c, qc) in qv.iter().enumerate() {
+            a = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(kp.add(j * hd + 8 * c)), a);
+        }
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        *sp.add(j) = _mm_cvtss_f32(s);
+        j += 1;
+    }
+    if let Some(m) = mask {
+        for (s, m) in scores.iter_mut().zip(m) {
+            *s += m;
+        }
+    }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    for s in scores.iter_mut() {
+        *s = exp(*s - max);
+    }
+    let inv = 1.0 / sum(scores);
+    let mut o = [_mm256_setzero_ps(); C];
+    for (j, &p) in scores.iter().enumerate() {
+        let p = _mm256_set1_ps(p);
+        for (c, oc) in o.iter_mut().enumerate() {
+            *oc = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp.add(j * hd + 8 * c)), *oc);
+        }
+    }
+    let inv = _mm256_set1_ps(inv);
+    for (c, oc) in o.iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), _mm256_mul_ps(*oc, inv));
+    }
 }
 
 #[cfg(test)]
@@ -371,37 +453,45 @@ mod tests {
 
     #[test]
     fn attend_is_softmax_weighted_values_and_masked_rows_give_zero() {
-        let (n, hd) = (13, 12);
-        let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
-        let k: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.11).cos()).collect();
-        let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.07).sin() * 2.0).collect();
-        let mask: Vec<f32> = (0..n)
-            .map(|j| if j % 3 == 0 { -1e9 } else { 0.0 })
-            .collect();
-        let mut scores = vec![0f32; n];
-        let mut out = vec![0f32; hd];
-        for m in [None, Some(&mask[..])] {
-            attend(&q, &k, &v, m, &mut scores, &mut out);
-            let s: Vec<f64> = (0..n)
-                .map(|j| {
-                    let d: f64 = (0..hd)
-                        .map(|i| f64::from(q[i]) * f64::from(k[j * hd + i]))
-                        .sum();
-                    d + m.map_or(0.0, |m| f64::from(m[j]))
-                })
+        // Head widths of the vectorised build (8, 64, 96) and of the generic one (12); key
+        // counts on and off the four-key step.
+        for (n, hd) in [(13, 12), (13, 64), (6, 8), (3, 96), (1, 64), (16, 64)] {
+            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
+            let k: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.11).cos()).collect();
+            let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.07).sin() * 2.0).collect();
+            let mask: Vec<f32> = (0..n)
+                .map(|j| if j % 3 == 2 { -1e9 } else { 0.0 })
                 .collect();
-            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
-            let z: f64 = e.iter().sum();
-            for i in 0..hd {
-                let want: f64 = (0..n).map(|j| e[j] / z * f64::from(v[j * hd + i])).sum();
-                assert!(
-                    (f64::from(out[i]) - want).abs() < 1e-5,
-                    "{i}: {} vs {want}",
-                    out[i]
-                );
+            let mut scores = vec![0f32; n];
+            let mut out = vec![0f32; hd];
+            for m in [None, Some(&mask[..])] {
+                attend(&q, &k, &v, m, &mut scores, &mut out);
+                let s: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let d: f64 = (0..hd)
+                            .map(|i| f64::from(q[i]) * f64::from(k[j * hd + i]))
+                            .sum();
+                        d + m.map_or(0.0, |m| f64::from(m[j]))
+                    })
+                    .collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for i in 0..hd {
+                    let want: f64 = (0..n).map(|j| e[j] / z * f64::from(v[j * hd + i])).sum();
+                    assert!(
+                        (f64::from(out[i]) - want).abs() < 1e-5,
+                        "n {n}, hd {hd}, {i}: {} vs {want}",
+                        out[i]
+                    );
+                }
             }
         }
+        let (n, hd) = (13, 64);
+        let q = vec![0.3f32; hd];
+        let k = vec![0.1f32; n * hd];
+        let mut scores = vec![0f32; n];
+        let mut out = vec![0f32; hd];
         // Every key masked and zero values (the null condition): exactly 0, not NaN.
         let all: Vec<f32> = vec![-1e9; n];
         let zeros = vec![0f32; n * hd];
