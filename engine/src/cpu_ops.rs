@@ -17,12 +17,14 @@ use candle_nn::Activation;
 /// integer (ties to even) with plain arithmetic.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
-/// Whether the AVX2/FMA builds can run here.
+/// Whether the AVX2 builds (AVX2, FMA and F16C) can run here.
 #[inline]
 pub(crate) fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -34,7 +36,7 @@ macro_rules! dispatch {
     ($name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {{
         #[cfg(target_arch = "x86_64")]
         let result = {
-            #[target_feature(enable = "avx2,fma")]
+            #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn $name($($arg: $ty),*) $body
             if avx2_fma() {
                 // SAFETY: the features were just checked.
@@ -63,7 +65,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * (r * r) + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
     if x < -87.0 {
@@ -130,20 +132,65 @@ pub(crate) fn activation(act: Activation, xs: &mut [f32]) -> bool {
     true
 }
 
+/// Element type of a key/value cache: f32, or f16 (half the bytes a late step reads).
+pub(crate) trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+    /// Eight consecutive values from `p`, as f32.
+    ///
+    /// # Safety
+    /// `p..p + 8` must be readable; the caller must run with AVX2 and F16C enabled.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
 /// Sum of `a[i] * b[i]` in eight lanes (vectorisable), then the lanes pairwise.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let n = a.len().min(b.len());
     let main = n - n % 8;
     let mut acc = [0f32; 8];
     for (ac, bc) in a[..main].chunks_exact(8).zip(b[..main].chunks_exact(8)) {
         for j in 0..8 {
-            acc[j] += ac[j] * bc[j];
+            acc[j] += ac[j] * bc[j].to_f32();
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for i in main..n {
-        s += a[i] * b[i];
+        s += a[i] * b[i].to_f32();
     }
     s
 }
@@ -204,22 +251,22 @@ pub(crate) fn scale(xs: &mut [f32], s: f32) {
 }
 
 /// One query head attending over `n` cached positions: `q` (head_dim), `keys` and `values`
-/// (n, head_dim) row-major, `mask` an optional additive (n) mask, `scores` (at least n)
+/// (n, head_dim) row-major in f32 or f16, `mask` an optional additive (n) mask, `scores` (at least n)
 /// scratch; writes `softmax(q · keysᵀ + mask) · values` into `out` (head_dim). The query is
 /// expected pre-scaled by `1 / sqrt(head_dim)`.
-pub(crate) fn attend(
+pub(crate) fn attend<T: KvElem>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     mask: Option<&[f32]>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
     #[inline(always)]
-    fn body(
+    fn body<T: KvElem>(
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[T],
+        values: &[T],
         mask: Option<&[f32]>,
         scores: &mut [f32],
         out: &mut [f32],
@@ -244,7 +291,7 @@ pub(crate) fn attend(
         for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
             let p = p * inv;
             for (o, v) in out.iter_mut().zip(v) {
-                *o += p * v;
+                *o += p * v.to_f32();
             }
         }
     }
@@ -255,7 +302,7 @@ pub(crate) fn attend(
                 match q.len() {
                     $(n if n == 8 * $c => {
                         // SAFETY: the features were just checked; `q.len() == 8 * $c`.
-                        return unsafe { attend_avx2::<$c>(q, keys, values, mask, scores, out) };
+                        return unsafe { attend_avx2::<T, $c>(q, keys, values, mask, scores, out) };
                     })*
                     _ => {}
                 }
@@ -275,11 +322,11 @@ pub(crate) fn attend(
 /// The processor must support AVX2 and FMA; `q.len() == 8 * C` and the other slices as in
 /// [`attend`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2<const C: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<T: KvElem, const C: usize>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     mask: Option<&[f32]>,
     scores: &mut [f32],
     out: &mut [f32],
@@ -299,7 +346,7 @@ unsafe fn attend_avx2<const C: usize>(
         let mut a = [_mm256_setzero_ps(); 4];
         for (c, qc) in qv.iter().enumerate() {
             for (t, at) in a.iter_mut().enumerate() {
-                *at = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(kp.add((j + t) * hd + 8 * c)), *at);
+                *at = _mm256_fmadd_ps(*qc, T::load8(kp.add((j + t) * hd + 8 * c)), *at);
             }
         }
         // [a0 a1 a2 a3] lane sums: pairwise within 128-bit halves, then the halves added.
@@ -311,7 +358,7 @@ unsafe fn attend_avx2<const C: usize>(
     while j < n {
         let mut a = _mm256_setzero_ps();
         for (c, qc) in qv.iter().enumerate() {
-            a = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(kp.add(j * hd + 8 * c)), a);
+            a = _mm256_fmadd_ps(*qc, T::load8(kp.add(j * hd + 8 * c)), a);
         }
         let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -333,7 +380,7 @@ unsafe fn attend_avx2<const C: usize>(
     for (j, &p) in scores.iter().enumerate() {
         let p = _mm256_set1_ps(p);
         for (c, oc) in o.iter_mut().enumerate() {
-            *oc = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp.add(j * hd + 8 * c)), *oc);
+            *oc = _mm256_fmadd_ps(p, T::load8(vp.add(j * hd + 8 * c)), *oc);
         }
     }
     let inv = _mm256_set1_ps(inv);
@@ -457,15 +504,29 @@ mod tests {
         // counts on and off the four-key step.
         for (n, hd) in [(13, 12), (13, 64), (6, 8), (3, 96), (1, 64), (16, 64)] {
             let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
-            let k: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.11).cos()).collect();
-            let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.07).sin() * 2.0).collect();
+            // Values exact in f16, so that the f16 cache sees the same inputs.
+            let r = |v: f32| half::f16::from_f32(v).to_f32();
+            let k: Vec<f32> = (0..n * hd).map(|i| r((i as f32 * 0.11).cos())).collect();
+            let v: Vec<f32> = (0..n * hd)
+                .map(|i| r((i as f32 * 0.07).sin() * 2.0))
+                .collect();
+            let k16: Vec<half::f16> = k.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let v16: Vec<half::f16> = v.iter().map(|&v| half::f16::from_f32(v)).collect();
             let mask: Vec<f32> = (0..n)
                 .map(|j| if j % 3 == 2 { -1e9 } else { 0.0 })
                 .collect();
             let mut scores = vec![0f32; n];
             let mut out = vec![0f32; hd];
-            for m in [None, Some(&mask[..])] {
-                attend(&q, &k, &v, m, &mut scores, &mut out);
+            for (m, f16) in [
+                (None, false),
+                (Some(&mask[..]), false),
+                (Some(&mask[..]), true),
+            ] {
+                if f16 {
+                    attend(&q, &k16, &v16, m, &mut scores, &mut out);
+                } else {
+                    attend(&q, &k, &v, m, &mut scores, &mut out);
+                }
                 let s: Vec<f64> = (0..n)
                     .map(|j| {
                         let d: f64 = (0..hd)
@@ -481,7 +542,7 @@ mod tests {
                     let want: f64 = (0..n).map(|j| e[j] / z * f64::from(v[j * hd + i])).sum();
                     assert!(
                         (f64::from(out[i]) - want).abs() < 1e-5,
-                        "n {n}, hd {hd}, {i}: {} vs {want}",
+                        "n {n}, hd {hd}, f16 {f16}, {i}: {} vs {want}",
                         out[i]
                     );
                 }

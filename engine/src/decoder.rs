@@ -492,6 +492,8 @@ pub struct Decoder {
     host_kernels: bool,
     /// Single-position feeds on [`host_step`] where it applies (CPU, f32, host kernels on).
     host_step: bool,
+    /// Element type of the self-attention key/value cache (see [`Decoder::cache_dtype`]).
+    cache_dtype: DType,
 }
 
 impl Decoder {
@@ -566,6 +568,11 @@ impl Decoder {
             device: vb.device().clone(),
             host_kernels: true,
             host_step: true,
+            cache_dtype: if quant.is_some() && vb.device().is_cpu() {
+                DType::F16
+            } else {
+                vb.dtype()
+            },
         })
     }
 
@@ -647,6 +654,28 @@ impl Decoder {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+
+    /// Element type of the self-attention key/value cache of states built from now on: the
+    /// compute dtype, except f16 for quantised weights on the CPU. A late decoder step reads
+    /// the whole cache (24 layers × keys and values × 2 rows × positions × 1024 for
+    /// musicgen-small: 786 MB in f32 at 2000 positions, twice the Q8_0 weights), so halving
+    /// it nearly halves a long take's late steps and the cache's memory; its rounding (2⁻¹¹
+    /// relative) is far below the quantised weights' own error (about 1% of the logits).
+    /// Exact f32 generation keeps an f32 cache.
+    pub fn cache_dtype(&self) -> DType {
+        self.cache_dtype
+    }
+
+    /// Sets the cache's element type (f32, f16 or bf16) for states built from now on.
+    pub fn set_cache_dtype(&mut self, dtype: DType) -> Result<(), DecoderError> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(DecoderError::Config(format!(
+                "key/value cache in {dtype:?}: f32, f16 or bf16 only"
+            )));
+        }
+        self.cache_dtype = dtype;
+        Ok(())
+    }
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -701,7 +730,8 @@ impl Decoder {
                     .forward(&cond2, self.host_kernels)?
                     .reshape((batch, cond_len, 2, h, hd))?
                     .permute((2, 0, 3, 1, 4))?;
-                let cache = Tensor::zeros((batch, h, capacity, hd), self.dtype, &self.device)?;
+                let cache =
+                    Tensor::zeros((batch, h, capacity, hd), self.cache_dtype, &self.device)?;
                 Ok(LayerState {
                     k: cache.clone(),
                     v: cache.zeros_like()?,
@@ -710,9 +740,11 @@ impl Decoder {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let host =
-            (self.device.is_cpu() && self.dtype == DType::F32 && batch <= crate::matvec::MAX_ROWS)
-                .then(|| host_step::HostScratch::new(self, batch, capacity, cond_len));
+        let host = (self.device.is_cpu()
+            && self.dtype == DType::F32
+            && matches!(self.cache_dtype, DType::F32 | DType::F16)
+            && batch <= crate::matvec::MAX_ROWS)
+            .then(|| host_step::HostScratch::new(self, batch, capacity, cond_len));
         Ok(DecoderState {
             batch,
             capacity,
@@ -847,10 +879,16 @@ impl Decoder {
             .reshape((b, t, 3 * h, hd))?
             .transpose(1, 2)?;
         let q = (qkv.narrow(1, 0, h)?.contiguous()? * scale)?;
-        ls.k.slice_set(&qkv.narrow(1, h, h)?.contiguous()?, 2, start)?;
-        ls.v.slice_set(&qkv.narrow(1, 2 * h, h)?.contiguous()?, 2, start)?;
-        let keys = ls.k.narrow(2, 0, start + t)?; // (batch, heads, start + time, head_dim)
-        let values = ls.v.narrow(2, 0, start + t)?;
+        let kv = ls.k.dtype();
+        ls.k.slice_set(&qkv.narrow(1, h, h)?.to_dtype(kv)?.contiguous()?, 2, start)?;
+        ls.v.slice_set(
+            &qkv.narrow(1, 2 * h, h)?.to_dtype(kv)?.contiguous()?,
+            2,
+            start,
+        )?;
+        // (batch, heads, start + time, head_dim), in the compute dtype
+        let keys = ls.k.narrow(2, 0, start + t)?.to_dtype(self.dtype)?;
+        let values = ls.v.narrow(2, 0, start + t)?.to_dtype(self.dtype)?;
         let mut scores = q.matmul(&keys.t()?)?; // (batch, heads, time, start + time)
         if let Some(m) = causal {
             scores = scores.broadcast_add(m)?;
@@ -1117,12 +1155,29 @@ mod tests {
         };
         // Against the tensor path with the same product kernels (f32 and Q8_0: equal up to
         // summation order), and for f32 against candle's own matmul too.
-        for (quant, kernels, tol) in [
-            (None, true, 1e-5),
-            (None, false, 1e-5),
-            (Some(Quant::Q8_0), true, 1e-3),
+        // The cache: f32 for f32 weights, f16 for quantised ones (by default), or chosen.
+        // Tolerances: f32 paths differ in summation order and in `cpu_ops`' exp/erf (~3e-7),
+        // which these unnormalised random layers amplify to at most 4e-5 of the logits (seen
+        // over 60 runs). Q8_0 quantises the activations of every product: a last-bit
+        // difference upstream can move one activation by a whole quantisation step, so the
+        // paths agree to within the quantisation error (measured up to 0.5%), not to
+        // rounding; a wrong head, position or cache row would be off by the logits' size.
+        for (quant, kernels, tol, cache) in [
+            (None, true, 1e-4, None),
+            (None, false, 1e-4, None),
+            (None, true, 1e-4, Some(DType::F16)),
+            (Some(Quant::Q8_0), true, 2e-2, None),
         ] {
-            let host = Decoder::new_quantized(&cfg, vb.pp("decoder"), quant).unwrap();
+            let mut host = Decoder::new_quantized(&cfg, vb.pp("decoder"), quant).unwrap();
+            let want = if quant.is_some() {
+                DType::F16
+            } else {
+                DType::F32
+            };
+            assert_eq!(host.cache_dtype(), want);
+            if let Some(c) = cache {
+                host.set_cache_dtype(c).unwrap();
+            }
             let mut tensor = host.clone();
             tensor.set_host_step(false);
             tensor.set_host_kernels(kernels);
@@ -1143,6 +1198,21 @@ mod tests {
                 );
                 assert_eq!(a.position(), b.position());
             }
+        }
+        // An f16 cache stays close to the f32 one (its rounding is 2^-11 relative).
+        let exact = Decoder::new(&cfg, vb.pp("decoder")).unwrap();
+        let mut half = exact.clone();
+        half.set_cache_dtype(DType::F16).unwrap();
+        assert!(half.set_cache_dtype(DType::U8).is_err());
+        let mut a = exact.new_state(&cond, &mask, 40).unwrap();
+        let mut b = half.new_state(&cond, &mask, 40).unwrap();
+        for (i, n) in [5, 1, 1, 1].into_iter().enumerate() {
+            let x = ids(n, i as u32);
+            let e = rel_err(
+                &exact.forward(&mut a, &x).unwrap(),
+                &half.forward(&mut b, &x).unwrap(),
+            );
+            assert!(e < 5e-3, "f16 cache, feed {i}: {e}");
         }
         // A token id outside the tables is an error, not a panic.
         let dec = Decoder::new(&cfg, vb.pp("decoder")).unwrap();

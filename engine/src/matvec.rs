@@ -381,7 +381,7 @@ unsafe fn q8_0_row_avx2<const R: usize>(row: &[u8], x: &QuantRows, n: usize, out
         for (r, d) in dv.iter_mut().enumerate() {
             *d = _mm256_mul_ps(dw, _mm256_loadu_ps(xd.add(r * nb + b0)));
         }
-        let mut block_k = |a: &mut [__m256; R], k: usize| {
+        let block_k = |a: &mut [__m256; R], k: usize| {
             let w = _mm256_loadu_si256(gp.add(k * Q8_0_BLOCK_BYTES + 2) as *const __m256i);
             let aw = _mm256_sign_epi8(w, w);
             let idx = _mm256_set1_epi32(k as i32);

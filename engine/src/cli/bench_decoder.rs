@@ -52,6 +52,10 @@ pub struct DecoderBenchArgs {
     /// checkpoint this way.
     #[arg(long = "decoder-checkpoint")]
     pub checkpoint: Option<std::path::PathBuf>,
+    /// Element type of the key/value cache: the decoder's default (f32 for f32 weights, f16
+    /// for quantised weights on the CPU), or f32 / f16 for every row.
+    #[arg(long = "decoder-cache", value_enum, default_value = "auto")]
+    pub cache: BenchCache,
     /// MiB of the array read to measure memory bandwidth (well above the last-level cache).
     #[arg(long = "bandwidth-mib", default_value_t = 1024)]
     pub bandwidth_mib: usize,
@@ -87,6 +91,13 @@ impl BenchFormat {
             Self::Q4k => (DType::F32, Some(Quant::Q4K)),
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchCache {
+    Auto,
+    F32,
+    F16,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -183,6 +194,8 @@ struct Row {
     /// Process CPU time per step (all threads), ms.
     cpu_ms: Option<f64>,
     peak: Option<u64>,
+    /// Element type of the key/value cache.
+    cache: DType,
 }
 
 pub fn run(args: &DecoderBenchArgs, device: BenchDevice) -> anyhow::Result<()> {
@@ -284,10 +297,16 @@ pub fn run(args: &DecoderBenchArgs, device: BenchDevice) -> anyhow::Result<()> {
                 })?
             }
         };
+        match args.cache {
+            BenchCache::Auto => {}
+            BenchCache::F32 => decoder.set_cache_dtype(DType::F32)?,
+            BenchCache::F16 => decoder.set_cache_dtype(DType::F16)?,
+        }
         println!(
-            "  {}: built in {:.1} s",
+            "  {}: built in {:.1} s, key/value cache {:?}",
             format.label(),
-            t0.elapsed().as_secs_f64()
+            t0.elapsed().as_secs_f64(),
+            decoder.cache_dtype()
         );
         for &(host, suffix) in kernels {
             decoder.set_host_kernels(host);
@@ -298,10 +317,10 @@ pub fn run(args: &DecoderBenchArgs, device: BenchDevice) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "| format | steps/s | ms/step | real time | prefill {:.0} s prompt | weights/step | floor steps/s | of floor | weights held | peak RSS | peak / held | CPU ms/step |",
+        "| format | steps/s | ms/step | real time | prefill {:.0} s prompt | weights/step | floor steps/s | of floor | weights held | peak RSS | peak / held | CPU ms/step | cache |",
         args.prompt_seconds
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let floor = bw / r.weight_bytes as f64;
         let peak = r
@@ -313,7 +332,7 @@ pub fn run(args: &DecoderBenchArgs, device: BenchDevice) -> anyhow::Result<()> {
         let prefill = r.prefill_s.map_or("-".into(), |s| format!("{s:.2} s"));
         let cpu = r.cpu_ms.map_or("?".into(), |c| format!("{c:.1}"));
         println!(
-            "| {} | {:.2} | {:.1} | {:.3}× | {prefill} | {:.0} MB | {:.1} | {:.0}% | {:.0} MB | {peak} | {ratio} | {cpu} |",
+            "| {} | {:.2} | {:.1} | {:.3}× | {prefill} | {:.0} MB | {:.1} | {:.0}% | {:.0} MB | {peak} | {ratio} | {cpu} | {} |",
             r.label,
             r.steps_per_s,
             1000.0 / r.steps_per_s,
@@ -322,6 +341,7 @@ pub fn run(args: &DecoderBenchArgs, device: BenchDevice) -> anyhow::Result<()> {
             floor,
             100.0 * r.steps_per_s / floor,
             r.held_bytes as f64 / 1e6,
+            r.cache.as_str(),
         );
     }
     println!(
@@ -391,6 +411,7 @@ fn time_steps(
         held_bytes: decoder.weight_bytes(),
         cpu_ms,
         peak: peak_rss(),
+        cache: decoder.cache_dtype(),
     };
     if let Some(cpu) = cpu_ms {
         println!("  {label}: CPU time {cpu:.1} ms per step (all threads)");

@@ -17,7 +17,7 @@
 //! path of CPU f32 generation, by the same fixtures through `generate`.
 
 use super::{Decoder, DecoderError, DecoderState, Proj, Quant};
-use crate::cpu_ops;
+use crate::cpu_ops::{self, KvElem};
 use crate::matvec::{self, Q8Scratch};
 use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Tensor};
@@ -66,8 +66,11 @@ impl HostScratch {
     }
 }
 
-/// Runs `f` on the f32 contents of a contiguous CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+/// Runs `f` on the contents of a contiguous CPU tensor of element type `T`.
+fn with_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("host step: tensor not on the CPU");
@@ -75,7 +78,12 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     let Some((a, b)) = layout.contiguous_offsets() else {
         candle_core::bail!("host step: tensor not contiguous");
     };
-    Ok(f(&cpu.as_slice::<f32>()?[a..b]))
+    Ok(f(&cpu.as_slice::<T>()?[a..b]))
+}
+
+/// [`with_slice`] for f32.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    with_slice(t, f)
 }
 
 /// Layer norm of the rows of `x` into `out` with `norm`'s weight, bias and eps.
@@ -109,9 +117,16 @@ impl candle_core::InplaceOp1 for WritePosition<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("segue-write-position: cache is not f32");
-        };
+        match storage {
+            CpuStorage::F32(data) => self.write(data, layout),
+            CpuStorage::F16(data) => self.write(data, layout),
+            _ => candle_core::bail!("segue-write-position: cache is neither f32 nor f16"),
+        }
+    }
+}
+
+impl WritePosition<'_> {
+    fn write<T: KvElem>(&self, data: &mut [T], layout: &Layout) -> candle_core::Result<()> {
         let Some((o, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("segue-write-position: cache not contiguous");
         };
@@ -123,7 +138,9 @@ impl candle_core::InplaceOp1 for WritePosition<'_> {
             for j in 0..self.heads {
                 let s = r * self.stride + self.offset + j * hd;
                 let dst = o + ((r * self.heads + j) * cap + self.pos) * hd;
-                data[dst..dst + hd].copy_from_slice(&self.src[s..s + hd]);
+                for (d, &v) in data[dst..dst + hd].iter_mut().zip(&self.src[s..s + hd]) {
+                    *d = T::from_f32(v);
+                }
             }
         }
         Ok(())
@@ -131,62 +148,83 @@ impl candle_core::InplaceOp1 for WritePosition<'_> {
 }
 
 /// Attention of every (row, head) query in `q` (rows of `stride` values, head `j` at
-/// `offset + j * head_dim`) over the first `n` positions of `keys`/`values` (batch, heads,
-/// capacity, head_dim) into `out` (batch, heads * head_dim), with an optional additive mask
-/// (batch, mask_len) (its first `n` values used). Parallel over the (row, head) pairs when there
-/// is enough work.
-#[allow(clippy::too_many_arguments)]
-fn attend_all(
-    q: &[f32],
+/// `offset + j * head_dim`) over the first `n` positions of a key/value cache (batch, heads,
+/// capacity, head_dim) in f32 or f16, with an optional additive mask (batch, mask_len) (its
+/// first `n` values used). Parallel over the (row, head) pairs when there is enough work.
+struct Attention<'a> {
+    q: &'a [f32],
     stride: usize,
     offset: usize,
-    keys: &Tensor,
-    values: &Tensor,
     capacity: usize,
     n: usize,
-    mask: Option<(&[f32], usize)>,
+    mask: Option<(&'a [f32], usize)>,
     heads: usize,
     head_dim: usize,
-    scores: &mut [f32],
-    out: &mut [f32],
-) -> candle_core::Result<()> {
-    let hd = head_dim;
-    let score_len = scores.len() / (out.len() / hd);
-    with_f32(keys, |kd| {
-        with_f32(values, |vd| {
-            let task = |(i, (o, s)): (usize, (&mut [f32], &mut [f32]))| {
-                let (r, j) = (i / heads, i % heads);
-                let base = i * capacity * hd;
-                let qs = r * stride + offset + j * hd;
-                let m = mask.map(|(m, len)| &m[r * len..r * len + n]);
-                cpu_ops::attend(
-                    &q[qs..qs + hd],
-                    &kd[base..base + n * hd],
-                    &vd[base..base + n * hd],
-                    m,
-                    s,
-                    o,
-                );
-            };
-            let pair_count = out.len() / hd;
-            // About 32k multiply-adds per task at least: below that, rayon's hand-off costs
-            // more than it saves.
-            let per_pair = 2 * n * hd;
-            if per_pair * pair_count < 1 << 15 {
-                out.chunks_mut(hd)
-                    .zip(scores.chunks_mut(score_len))
-                    .enumerate()
-                    .for_each(task);
-            } else {
-                let min = (1usize << 15).div_ceil(per_pair).max(1);
-                out.par_chunks_mut(hd)
-                    .zip(scores.par_chunks_mut(score_len))
-                    .with_min_len(min)
-                    .enumerate()
-                    .for_each(task);
-            }
-        })
-    })?
+}
+
+impl Attention<'_> {
+    /// Writes the attention output (batch, heads * head_dim) into `out`; `scores` is scratch
+    /// of (batch * heads, at least n).
+    fn over(
+        &self,
+        keys: &Tensor,
+        values: &Tensor,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        match keys.dtype() {
+            DType::F16 => with_slice(keys, |k| {
+                with_slice(values, |v| self.run::<half::f16>(k, v, scores, out))
+            })??,
+            _ => with_f32(keys, |k| with_f32(values, |v| self.run(k, v, scores, out)))??,
+        }
+    }
+
+    fn run<T: KvElem>(
+        &self,
+        kd: &[T],
+        vd: &[T],
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let (hd, n, heads) = (self.head_dim, self.n, self.heads);
+        let pair_count = out.len() / hd;
+        let score_len = scores.len() / pair_count;
+        if kd.len() < pair_count * self.capacity * hd || vd.len() != kd.len() || n > score_len {
+            candle_core::bail!("host step: attention shapes do not match the cache");
+        }
+        let task = |(i, (o, s)): (usize, (&mut [f32], &mut [f32]))| {
+            let (r, j) = (i / heads, i % heads);
+            let base = i * self.capacity * hd;
+            let qs = r * self.stride + self.offset + j * hd;
+            let m = self.mask.map(|(m, len)| &m[r * len..r * len + n]);
+            cpu_ops::attend(
+                &self.q[qs..qs + hd],
+                &kd[base..base + n * hd],
+                &vd[base..base + n * hd],
+                m,
+                s,
+                o,
+            );
+        };
+        // About 32k multiply-adds per task at least: below that, rayon's hand-off costs more
+        // than it saves.
+        let per_pair = 2 * n * hd;
+        if per_pair * pair_count < 1 << 15 {
+            out.chunks_mut(hd)
+                .zip(scores.chunks_mut(score_len))
+                .enumerate()
+                .for_each(task);
+        } else {
+            let min = (1usize << 15).div_ceil(per_pair).max(1);
+            out.par_chunks_mut(hd)
+                .zip(scores.par_chunks_mut(score_len))
+                .with_min_len(min)
+                .enumerate()
+                .for_each(task);
+        }
+        Ok(())
+    }
 }
 
 impl Proj {
@@ -306,20 +344,17 @@ impl Decoder {
                     pos,
                 })?;
             }
-            attend_all(
-                &s.qkv,
-                3 * d,
-                0,
-                &ls.k,
-                &ls.v,
-                cap,
-                pos + 1,
-                None,
-                h,
-                hd,
-                &mut s.scores,
-                &mut s.attn,
-            )?;
+            Attention {
+                q: &s.qkv,
+                stride: 3 * d,
+                offset: 0,
+                capacity: cap,
+                n: pos + 1,
+                mask: None,
+                heads: h,
+                head_dim: hd,
+            }
+            .over(&ls.k, &ls.v, &mut s.scores, &mut s.attn)?;
             layer
                 .self_out
                 .forward_host(&s.attn, b, &mut s.q8, &mut s.out)?;
@@ -330,20 +365,17 @@ impl Decoder {
             layer.cross_q.forward_host(&s.h, b, &mut s.q8, &mut s.out)?;
             cpu_ops::scale(&mut s.out, scale);
             with_f32(&cross_mask, |m| {
-                attend_all(
-                    &s.out,
-                    d,
-                    0,
-                    &ls.cross_k,
-                    &ls.cross_v,
-                    cond_len,
-                    cond_len,
-                    Some((m, cond_len)),
-                    h,
-                    hd,
-                    &mut s.scores,
-                    &mut s.attn,
-                )
+                Attention {
+                    q: &s.out,
+                    stride: d,
+                    offset: 0,
+                    capacity: cond_len,
+                    n: cond_len,
+                    mask: Some((m, cond_len)),
+                    heads: h,
+                    head_dim: hd,
+                }
+                .over(&ls.cross_k, &ls.cross_v, &mut s.scores, &mut s.attn)
             })??;
             layer
                 .cross_out
