@@ -8,7 +8,8 @@
 //! splits the output rows across threads. On x86-64 it uses AVX2/FMA when the processor has them
 //! (checked at run time).
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K};
+use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -611,6 +612,79 @@ pub fn matvec_q8_0_into(
     Ok(())
 }
 
+/// Scratch of a Q4K product that a caller keeps between products: the activations quantised to
+/// Q8K (ggml's 256-value blocks with 16-value sums), grown on first use.
+#[derive(Debug, Default)]
+pub struct Q4KScratch(Vec<BlockQ8K>);
+
+/// `y` (rows, out) = `x` (rows, inner) · `w`ᵀ for a Q4K weight `w` (out, inner) on the CPU,
+/// into caller-owned `y`: each activation row quantised once to Q8K, each weight row's block
+/// dots computed by ggml's Q4K×Q8K kernel (candle's `vec_dot`, AVX2 where compiled in), the
+/// output rows split over rayon's pool like [`matvec_into`]. candle's own product does the same
+/// arithmetic but hands its work to threads that wait by spinning, which on a 2-core machine
+/// made Q4K steps slower than Q8_0's (see `BENCHMARKS.md`). Errors when `w` is not a CPU Q4K
+/// weight of width `inner` (a multiple of 256) or `rows` is outside `1..=MAX_ROWS`.
+pub fn matvec_q4k_into(
+    x: &[f32],
+    rows: usize,
+    w: &QTensor,
+    scratch: &mut Q4KScratch,
+    y: &mut [f32],
+) -> candle_core::Result<()> {
+    const QK_K: usize = 256;
+    let (out_dim, inner) = w.shape().dims2()?;
+    if w.dtype() != GgmlDType::Q4K
+        || !inner.is_multiple_of(QK_K)
+        || rows == 0
+        || rows > MAX_ROWS
+        || x.len() != rows * inner
+        || y.len() != rows * out_dim
+    {
+        candle_core::bail!(
+            "segue-matvec-q4k: unsupported product ({rows}, {}) x {:?}ᵀ ({:?}) into {}",
+            x.len() / rows.max(1),
+            w.shape(),
+            w.dtype(),
+            y.len()
+        );
+    }
+    let data = w.data()?;
+    let std::borrow::Cow::Borrowed(data) = data else {
+        candle_core::bail!("segue-matvec-q4k: weight not in host memory");
+    };
+    let nb = inner / QK_K;
+    let size = std::mem::size_of::<BlockQ4K>();
+    if data.len() != out_dim * nb * size
+        || !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<BlockQ4K>())
+    {
+        candle_core::bail!(
+            "segue-matvec-q4k: {} bytes for a ({out_dim}, {inner}) Q4K weight",
+            data.len()
+        );
+    }
+    // SAFETY: candle stores a Q4K tensor as a `Vec<BlockQ4K>` (plain data, `repr(C)`): the
+    // length and alignment were checked above.
+    let blocks: &[BlockQ4K] =
+        unsafe { std::slice::from_raw_parts(data.as_ptr() as *const BlockQ4K, out_dim * nb) };
+    let xq = &mut scratch.0;
+    if xq.len() < rows * nb {
+        xq.resize(rows * nb, BlockQ8K::zeros());
+    }
+    for (xr, qr) in x.chunks_exact(inner).zip(xq.chunks_exact_mut(nb)) {
+        BlockQ8K::from_float(xr, qr);
+    }
+    let xq = &xq[..rows * nb];
+    par_blocks(rows, out_dim, y, |first, n, buf| {
+        for (j, o) in buf.chunks_exact_mut(rows).enumerate().take(n) {
+            let row = &blocks[(first + j) * nb..(first + j + 1) * nb];
+            for (r, v) in o.iter_mut().enumerate() {
+                *v = BlockQ4K::vec_dot(inner, row, &xq[r * nb..(r + 1) * nb]);
+            }
+        }
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -741,6 +815,45 @@ mod tests {
 
     /// The AVX2 kernel and the generic one compute the same sums (integer block dots, f32
     /// scale products) and differ only in f32 summation order: within 1e-5 of `sum |w x|`.
+    /// Our Q4K product equals candle's `QMatMul` (same quantisation of the activations, same
+    /// block kernel) for every row count.
+    #[test]
+    fn q4k_equals_candles_product() {
+        let dev = Device::Cpu;
+        let (out, inner) = (70usize, 512usize);
+        let w = Tensor::randn(0f32, 1.0, (out, inner), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let mm = candle_core::quantized::QMatMul::from_qtensor(
+            QTensor::quantize(&w, GgmlDType::Q4K).unwrap(),
+        )
+        .unwrap();
+        let mut scratch = Q4KScratch::default();
+        for rows in 1..=MAX_ROWS {
+            let x = Tensor::randn(0f32, 1.0, (rows, inner), &dev).unwrap();
+            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let mut y = vec![0f32; rows * out];
+            matvec_q4k_into(&xv, rows, &q, &mut scratch, &mut y).unwrap();
+            let want: Vec<f32> = candle_core::Module::forward(&mm, &x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "rows {rows}, {i}: {a} vs {b}"
+                );
+            }
+        }
+        // Wrong format or width: an error, not a panic.
+        let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let mut y = vec![0f32; out];
+        assert!(matvec_q4k_into(&vec![0.0; inner], 1, &q8, &mut scratch, &mut y).is_err());
+        assert!(matvec_q4k_into(&vec![0.0; inner - 1], 1, &q, &mut scratch, &mut y).is_err());
+    }
+
     #[test]
     fn q8_0_avx2_equals_generic() {
         if !q8_0_avx2_available() {

@@ -18,7 +18,7 @@
 
 use super::{Decoder, DecoderError, DecoderState, Proj, Quant};
 use crate::cpu_ops::{self, KvElem};
-use crate::matvec::{self, Q8Scratch};
+use crate::matvec::{self, Q4KScratch, Q8Scratch};
 use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Tensor};
 use candle_nn::LayerNorm;
@@ -44,8 +44,15 @@ pub(super) struct HostScratch {
     logits: Vec<f32>,
     /// Attention scores: (b * heads, max(capacity, cond_len)).
     scores: Vec<f32>,
-    /// Quantised activations of Q8_0 products.
-    q8: Q8Scratch,
+    /// Quantised activations of Q8_0 and Q4K products.
+    q8: QuantScratch,
+}
+
+/// Quantised activations of the quantised products, kept between products.
+#[derive(Debug, Default)]
+pub(super) struct QuantScratch {
+    q8_0: Q8Scratch,
+    q4k: Q4KScratch,
 }
 
 impl HostScratch {
@@ -61,7 +68,7 @@ impl HostScratch {
             ffn: vec![0.0; b * c.ffn_dim],
             logits: vec![0.0; b * c.num_codebooks * c.vocab_size],
             scores: vec![0.0; b * c.num_attention_heads * capacity.max(cond_len).max(1)],
-            q8: Q8Scratch::default(),
+            q8: QuantScratch::default(),
         }
     }
 }
@@ -229,13 +236,14 @@ impl Attention<'_> {
 
 impl Proj {
     /// `x` (rows, in) -> `y` (rows, out) on slices, for a CPU f32 step: dense f32 on
-    /// [`matvec::matvec_into`], Q8_0 on [`matvec::matvec_q8_0_into`], any other format through
-    /// [`Proj::forward`] (candle; allocates).
+    /// [`matvec::matvec_into`], Q8_0 on [`matvec::matvec_q8_0_into`], Q4K on
+    /// [`matvec::matvec_q4k_into`], any other format through [`Proj::forward`] (candle;
+    /// allocates).
     fn forward_host(
         &self,
         x: &[f32],
         rows: usize,
-        q8: &mut Q8Scratch,
+        q8: &mut QuantScratch,
         y: &mut [f32],
     ) -> candle_core::Result<()> {
         match self {
@@ -247,7 +255,12 @@ impl Proj {
                 q: QMatMul::QTensor(t),
                 quant: Quant::Q8_0,
                 ..
-            } => matvec::matvec_q8_0_into(x, rows, t, q8, y),
+            } => matvec::matvec_q8_0_into(x, rows, t, &mut q8.q8_0, y),
+            Self::Quantized {
+                q: QMatMul::QTensor(t),
+                quant: Quant::Q4K,
+                ..
+            } => matvec::matvec_q4k_into(x, rows, t, &mut q8.q4k, y),
             _ => {
                 let xt = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
                 let out = self.forward(&xt, true)?.flatten_all()?;
