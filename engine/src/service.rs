@@ -607,10 +607,11 @@ fn worker_loop(shared: &Shared) {
                 panic_message(&panic)
             )),
         };
+        // Not running any more before anyone hears that the job ended: a client that reads
+        // the stats after the terminal event sees the engine idle.
+        shared.state.lock().running = None;
         send(terminal);
-        let mut state = shared.state.lock();
-        state.running = None;
-        Shared::drop_unheld_models(&mut state);
+        Shared::drop_unheld_models(&mut shared.state.lock());
     }
 }
 
