@@ -674,15 +674,147 @@ pub fn matvec_q4k_into(
         BlockQ8K::from_float(xr, qr);
     }
     let xq = &xq[..rows * nb];
+    let avx2 = q8_0_avx2_available();
     par_blocks(rows, out_dim, y, |first, n, buf| {
         for (j, o) in buf.chunks_exact_mut(rows).enumerate().take(n) {
             let row = &blocks[(first + j) * nb..(first + j + 1) * nb];
-            for (r, v) in o.iter_mut().enumerate() {
-                *v = BlockQ4K::vec_dot(inner, row, &xq[r * nb..(r + 1) * nb]);
-            }
+            q4k_row(row, xq, nb, avx2, o);
         }
     });
     Ok(())
+}
+
+/// The dots of one Q4K weight row (`row`: `nb` blocks) with every quantised activation row
+/// (`xq`: `out.len()` rows of `nb` Q8K blocks) into `out`: [`q4k_row_avx2`] when `avx2`
+/// ([`q8_0_avx2_available`]) and at most [`MAX_ROWS`] rows, else candle's block dot per row.
+fn q4k_row(row: &[BlockQ4K], xq: &[BlockQ8K], nb: usize, avx2: bool, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        macro_rules! run {
+            ($($r:literal),*) => {
+                match out.len() {
+                    $($r => {
+                        // SAFETY: the features were checked; `row` holds `nb` blocks and `xq`
+                        // `$r` rows of `nb`.
+                        unsafe { q4k_row_avx2::<$r>(row, xq, nb, out) };
+                        return;
+                    })*
+                    _ => {}
+                }
+            };
+        }
+        run!(1, 2, 3, 4, 5, 6, 7, 8);
+    }
+    let _ = avx2;
+    for (r, v) in out.iter_mut().enumerate() {
+        *v = BlockQ4K::vec_dot(nb * 256, row, &xq[r * nb..(r + 1) * nb]);
+    }
+}
+
+// The byte layout `q4k_row_avx2` reads (both types are `repr(C)`): `BlockQ4K` = f16 d, f16
+// dmin, 12 bytes of packed 6-bit scales and mins, 128 bytes of 4-bit weights; `BlockQ8K` = f32
+// d, 256 int8, 16 i16 sums of 16.
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
+
+/// ggml's AVX2 Q4K×Q8K block dot (`ggml_vec_dot_q4_K_q8_K`) for `R` activation rows at once:
+/// each weight block's 4-bit values, scales and mins are unpacked once and used for every row
+/// (candle's `vec_dot` unpacks them once per row). Same integer arithmetic, so the same result
+/// up to the order of the f32 sums.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be present; `row.len() >= nb`, `xq.len() >= R * nb`,
+/// `out.len() >= R`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_row_avx2<const R: usize>(
+    row: &[BlockQ4K],
+    xq: &[BlockQ8K],
+    nb: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let f16 = |p: *const u8| {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+            (p as *const u16).read_unaligned(),
+        ))))
+    };
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc_m = [_mm_setzero_ps(); R];
+    let wp = row.as_ptr() as *const u8;
+    let yp = xq.as_ptr() as *const u8;
+    let ybytes = std::mem::size_of::<BlockQ8K>();
+    for i in 0..nb {
+        let bp = wp.add(i * 144);
+        let d = f16(bp);
+        let dmin = f16(bp.add(2));
+        let sp = bp.add(4) as *const u32;
+        let mut utmp = [
+            sp.read_unaligned(),
+            sp.add(1).read_unaligned(),
+            sp.add(2).read_unaligned(),
+            0,
+        ];
+        utmp[3] = ((utmp[2] >> 4) & KMASK2) | (((utmp[1] >> 6) & KMASK3) << 4);
+        let uaux = utmp[1] & KMASK1;
+        utmp[1] = (utmp[2] & KMASK2) | (((utmp[0] >> 6) & KMASK3) << 4);
+        utmp[2] = uaux;
+        utmp[0] &= KMASK1;
+        // Eight 6-bit scales (low half) and eight mins (high half) as i16.
+        let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
+            utmp[3] as i32,
+            utmp[2] as i32,
+            utmp[1] as i32,
+            utmp[0] as i32,
+        ));
+        let sc128 = _mm256_castsi256_si128(mins_and_scales);
+        let scales = _mm256_set_m128i(sc128, sc128);
+        let mins = _mm256_extracti128_si256(mins_and_scales, 1);
+        let mut sumi = [_mm256_setzero_si256(); R];
+        for j in 0..4 {
+            // Sub-blocks 2j (low nibbles) and 2j + 1 (high nibbles) of 32 values each.
+            // The i16 scale k sits in bytes 2k, 2k + 1 of `scales`' halves.
+            let sl = (4 * j) as i16 | (((4 * j + 1) as i16) << 8);
+            let sh = (4 * j + 2) as i16 | (((4 * j + 3) as i16) << 8);
+            let scale_l = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(sl));
+            let scale_h = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(sh));
+            let q4bits = _mm256_loadu_si256(bp.add(16 + 32 * j) as *const __m256i);
+            let q4l = _mm256_and_si256(q4bits, m4);
+            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+            for (r, s) in sumi.iter_mut().enumerate() {
+                let q8 = yp.add((r * nb + i) * ybytes + 4 + 64 * j);
+                let q8l = _mm256_loadu_si256(q8 as *const __m256i);
+                let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
+                let pl = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+                let ph = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+                *s = _mm256_add_epi32(*s, _mm256_add_epi32(pl, ph));
+            }
+        }
+        for r in 0..R {
+            let y = yp.add((r * nb + i) * ybytes);
+            let yd = (y as *const f32).read_unaligned();
+            let q8sums = _mm256_loadu_si256(y.add(260) as *const __m256i);
+            let q8s = _mm_hadd_epi16(
+                _mm256_castsi256_si128(q8sums),
+                _mm256_extracti128_si256(q8sums, 1),
+            );
+            let prod = _mm_madd_epi16(mins, q8s);
+            acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-yd * dmin), _mm_cvtepi32_ps(prod), acc_m[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(yd * d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        }
+    }
+    for r in 0..R {
+        let v = acc[r];
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_add_ps(q, acc_m[r]);
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        out[r] = _mm_cvtss_f32(q);
+    }
 }
 
 #[cfg(test)]
