@@ -1088,10 +1088,10 @@ mod tests {
         ));
     }
 
-    /// A prefill fed in chunks gives the logits of one whole pass, and leaves the same cache
-    /// behind (the next step's logits agree too), for chunks that divide the prompt or not.
-    #[test]
-    fn chunked_prefill_equals_one_pass() {
+    /// A 2-layer decoder of width 64 (4 heads, vocabulary 32) with random weights in the
+    /// returned `VarMap`, and a condition of batch 2 × 3 tokens whose second row is guidance's
+    /// null condition (all masked).
+    fn small_setup() -> (DecoderConfig, Device, candle_nn::VarMap, Tensor, Tensor) {
         let cfg = DecoderConfig {
             hidden_size: 64,
             num_hidden_layers: 2,
@@ -1104,11 +1104,18 @@ mod tests {
             ..DecoderConfig::default()
         };
         let dev = Device::Cpu;
-        let varmap = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let dec = Decoder::new(&cfg, vb.pp("decoder")).unwrap();
         let cond = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
         let mask = Tensor::from_vec(vec![1f32, 1., 0., 0., 0., 0.], (2, 3), &dev).unwrap();
+        (cfg, dev, candle_nn::VarMap::new(), cond, mask)
+    }
+
+    /// A prefill fed in chunks gives the logits of one whole pass, and leaves the same cache
+    /// behind (the next step's logits agree too), for chunks that divide the prompt or not.
+    #[test]
+    fn chunked_prefill_equals_one_pass() {
+        let (cfg, dev, varmap, cond, mask) = small_setup();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let dec = Decoder::new(&cfg, vb.pp("decoder")).unwrap();
         let cols = 23;
         let ids: Vec<u32> = (0..2 * 4 * cols as u32).map(|i| i * 7 % 33).collect();
         let ids = Tensor::from_vec(ids, (2, 4, cols), &dev).unwrap();
@@ -1133,22 +1140,8 @@ mod tests {
     /// the cache with it: steps interleaved with multi-position feeds (tensor path) agree too.
     #[test]
     fn host_step_equals_the_tensor_path() {
-        let cfg = DecoderConfig {
-            hidden_size: 64,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            ffn_dim: 128,
-            vocab_size: 32,
-            pad_token_id: 32,
-            bos_token_id: 32,
-            max_position_embeddings: 64,
-            ..DecoderConfig::default()
-        };
-        let dev = Device::Cpu;
-        let varmap = candle_nn::VarMap::new();
+        let (cfg, dev, varmap, cond, mask) = small_setup();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let cond = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
-        let mask = Tensor::from_vec(vec![1f32, 1., 0., 0., 0., 0.], (2, 3), &dev).unwrap();
         let ids = |n: usize, seed: u32| {
             let v: Vec<u32> = (0..2 * 4 * n as u32).map(|i| (i * 7 + seed) % 33).collect();
             Tensor::from_vec(v, (2, 4, n), &dev).unwrap()

@@ -416,14 +416,7 @@ unsafe fn q8_0_row_avx2<const R: usize>(row: &[u8], x: &QuantRows, n: usize, out
 
 /// Whether the AVX2 build of the Q8_0 kernels can run here (checked at run time).
 fn q8_0_avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::cpu_ops::avx2_fma()
 }
 
 /// One block of output rows of a Q8_0 product: `w` holds whole quantised rows of
@@ -563,6 +556,43 @@ fn q8_0_into(
 #[derive(Debug, Default)]
 pub struct Q8Scratch(QuantRows);
 
+/// Checks the operands of a quantised product `x` (rows, inner) · `w`ᵀ into `y` (rows, out):
+/// `w` of type `dtype` in host memory, `inner` a multiple of `block` values (`block_bytes`
+/// bytes each), 1..=[`MAX_ROWS`] rows. Returns `(out, inner, w's bytes)`.
+fn quantized_operands<'w>(
+    name: &str,
+    w: &'w QTensor,
+    dtype: GgmlDType,
+    (block, block_bytes): (usize, usize),
+    (x_len, rows, y_len): (usize, usize, usize),
+) -> candle_core::Result<(usize, usize, &'w [u8])> {
+    let (out_dim, inner) = w.shape().dims2()?;
+    if w.dtype() != dtype
+        || !inner.is_multiple_of(block)
+        || rows == 0
+        || rows > MAX_ROWS
+        || x_len != rows * inner
+        || y_len != rows * out_dim
+    {
+        candle_core::bail!(
+            "{name}: unsupported product ({rows}, {}) x {:?}ᵀ ({:?}) into {y_len}",
+            x_len / rows.max(1),
+            w.shape(),
+            w.dtype(),
+        );
+    }
+    let std::borrow::Cow::Borrowed(data) = w.data()? else {
+        candle_core::bail!("{name}: weight not in host memory");
+    };
+    if data.len() != out_dim * (inner / block * block_bytes) {
+        candle_core::bail!(
+            "{name}: {} bytes for a ({out_dim}, {inner}) {dtype:?} weight",
+            data.len()
+        );
+    }
+    Ok((out_dim, inner, data))
+}
+
 /// `y` (rows, out) = `x` (rows, inner) · `w`ᵀ for a Q8_0 weight `w` (out, inner) on the CPU,
 /// as [`matvec_q8_0`] but on slices and into caller-owned `y`, with `scratch` reused between
 /// calls (no allocation once it has grown to the widest input). Errors when `w` is not a CPU
@@ -574,32 +604,13 @@ pub fn matvec_q8_0_into(
     scratch: &mut Q8Scratch,
     y: &mut [f32],
 ) -> candle_core::Result<()> {
-    let (out_dim, inner) = w.shape().dims2()?;
-    if w.dtype() != GgmlDType::Q8_0
-        || !inner.is_multiple_of(Q8_0_BLOCK)
-        || rows == 0
-        || rows > MAX_ROWS
-        || x.len() != rows * inner
-        || y.len() != rows * out_dim
-    {
-        candle_core::bail!(
-            "segue-matvec-q8_0: unsupported product ({rows}, {}) x {:?}ᵀ ({:?}) into {}",
-            x.len() / rows.max(1),
-            w.shape(),
-            w.dtype(),
-            y.len()
-        );
-    }
-    let data = w.data()?;
-    let std::borrow::Cow::Borrowed(data) = data else {
-        candle_core::bail!("segue-matvec-q8_0: weight not in host memory");
-    };
-    if data.len() != out_dim * (inner / Q8_0_BLOCK * Q8_0_BLOCK_BYTES) {
-        candle_core::bail!(
-            "segue-matvec-q8_0: {} bytes for a ({out_dim}, {inner}) Q8_0 weight",
-            data.len()
-        );
-    }
+    let (_, inner, data) = quantized_operands(
+        "segue-matvec-q8_0",
+        w,
+        GgmlDType::Q8_0,
+        (Q8_0_BLOCK, Q8_0_BLOCK_BYTES),
+        (x.len(), rows, y.len()),
+    )?;
     q8_0_into(
         x,
         rows,
@@ -632,35 +643,16 @@ pub fn matvec_q4k_into(
     y: &mut [f32],
 ) -> candle_core::Result<()> {
     const QK_K: usize = 256;
-    let (out_dim, inner) = w.shape().dims2()?;
-    if w.dtype() != GgmlDType::Q4K
-        || !inner.is_multiple_of(QK_K)
-        || rows == 0
-        || rows > MAX_ROWS
-        || x.len() != rows * inner
-        || y.len() != rows * out_dim
-    {
-        candle_core::bail!(
-            "segue-matvec-q4k: unsupported product ({rows}, {}) x {:?}ᵀ ({:?}) into {}",
-            x.len() / rows.max(1),
-            w.shape(),
-            w.dtype(),
-            y.len()
-        );
-    }
-    let data = w.data()?;
-    let std::borrow::Cow::Borrowed(data) = data else {
-        candle_core::bail!("segue-matvec-q4k: weight not in host memory");
-    };
+    let (out_dim, inner, data) = quantized_operands(
+        "segue-matvec-q4k",
+        w,
+        GgmlDType::Q4K,
+        (QK_K, std::mem::size_of::<BlockQ4K>()),
+        (x.len(), rows, y.len()),
+    )?;
     let nb = inner / QK_K;
-    let size = std::mem::size_of::<BlockQ4K>();
-    if data.len() != out_dim * nb * size
-        || !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<BlockQ4K>())
-    {
-        candle_core::bail!(
-            "segue-matvec-q4k: {} bytes for a ({out_dim}, {inner}) Q4K weight",
-            data.len()
-        );
+    if !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<BlockQ4K>()) {
+        candle_core::bail!("segue-matvec-q4k: weight bytes not aligned for Q4K blocks");
     }
     // SAFETY: candle stores a Q4K tensor as a `Vec<BlockQ4K>` (plain data, `repr(C)`): the
     // length and alignment were checked above.
