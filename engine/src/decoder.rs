@@ -290,6 +290,21 @@ impl Proj {
         }
     }
 
+    fn is_quantized(&self) -> bool {
+        matches!(self, Self::Quantized { .. })
+    }
+
+    /// A dense f32 copy of a quantised weight on the CPU (dequantised); a clone otherwise.
+    fn expanded(&self) -> candle_core::Result<Self> {
+        match self {
+            Self::Quantized {
+                q: QMatMul::QTensor(t),
+                ..
+            } if t.device().is_cpu() => Ok(Self::Dense(t.dequantize(&t.device())?)),
+            other => Ok(other.clone()),
+        }
+    }
+
     fn format(&self) -> WeightFormat {
         match self {
             Self::Dense(w) => WeightFormat::Dense(w.dtype()),
@@ -412,6 +427,31 @@ impl Layer {
             fc1: one(vb.pp("fc1"), cfg.ffn_dim, d)?,
             fc2: one(vb.pp("fc2"), d, cfg.ffn_dim)?,
         })
+    }
+
+    /// This layer as a prefill of `rows` rows per pass runs it: on the CPU with more than
+    /// [`PREFILL_ROWS`] rows every quantised projection expanded to an f32 copy (the dense
+    /// matmul is faster than the quantised products for many rows, and candle's Q4K product
+    /// would otherwise build a repacked copy of the weight that stays as long as the weight);
+    /// otherwise the layer itself. The copy lives for one layer of one prefill.
+    fn for_prefill(&self, rows: usize) -> candle_core::Result<std::borrow::Cow<'_, Self>> {
+        let quantised = self.step_projs().iter().any(|p| p.is_quantized());
+        if rows <= PREFILL_ROWS || !quantised {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        }
+        let expand = |p: &Proj| p.expanded();
+        Ok(std::borrow::Cow::Owned(Self {
+            self_attn_norm: self.self_attn_norm.clone(),
+            self_qkv: expand(&self.self_qkv)?,
+            self_out: expand(&self.self_out)?,
+            cross_norm: self.cross_norm.clone(),
+            cross_q: expand(&self.cross_q)?,
+            cross_kv: self.cross_kv.clone(),
+            cross_out: expand(&self.cross_out)?,
+            ffn_norm: self.ffn_norm.clone(),
+            fc1: expand(&self.fc1)?,
+            fc2: expand(&self.fc2)?,
+        }))
     }
 
     /// The projections a decoder step runs, in order (the cross-attention keys/values run once
@@ -811,13 +851,7 @@ impl Decoder {
         if self.host_step_applies(state, t) {
             return self.host_step(state, &ids);
         }
-        let chunk = chunk.max(1);
-        let mut from = 0;
-        while t - from > chunk {
-            self.feed(state, &ids.narrow(2, from, chunk)?)?;
-            from += chunk;
-        }
-        let x = self.feed(state, &ids.narrow(2, from, t - from)?)?;
+        let x = self.feed(state, &ids, chunk.max(1))?;
         let t = x.dim(1)?;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (batch, hidden)
         let last = self.final_norm.forward(&last)?;
@@ -828,23 +862,56 @@ impl Decoder {
     }
 
     /// Runs `ids` (batch, codebooks, time) u32 on this device through every layer at the
-    /// state's next positions (writing their keys/values into the cache) and returns the last
-    /// layer's output (batch, time, hidden). Shapes and capacity are checked by the caller.
-    fn feed(&self, state: &mut DecoderState, ids: &Tensor) -> Result<Tensor, DecoderError> {
-        let t = ids.dim(2)?;
+    /// state's next positions (writing their keys/values into the cache) in chunks of `chunk`
+    /// positions, and returns the last chunk's output of the last layer (batch, ≤ chunk,
+    /// hidden). Shapes and capacity are checked by the caller.
+    ///
+    /// Layer by layer: every chunk passes one layer (its keys/values written into the cache
+    /// in position order, so later chunks attend to earlier ones) before any chunk enters the
+    /// next. The activations of all positions are held between layers (batch × time × hidden,
+    /// a few MB), the attention scores and feed-forward activations only for one chunk, and a
+    /// quantised layer is expanded to f32 once for all chunks ([`Layer::for_prefill`]) instead
+    /// of once per chunk.
+    fn feed(
+        &self,
+        state: &mut DecoderState,
+        ids: &Tensor,
+        chunk: usize,
+    ) -> Result<Tensor, DecoderError> {
+        let (b, _, t) = ids.dims3()?;
         let start = state.pos;
-        let mut x = self.embed(ids, start)?; // (batch, time, hidden)
-                                             // Causal mask for a multi-position call: query i (at start + i) sees keys 0..=start + i.
-        let causal = if t > 1 {
-            Some(self.causal_mask(start, t)?)
-        } else {
-            None
-        };
+        let x = self.embed(ids, start)?; // (batch, time, hidden)
+                                         // (first position, positions) of each chunk, and its causal mask: query i (at
+                                         // start + first + i) sees keys 0..=start + first + i.
+        let spans: Vec<(usize, usize)> = (0..t)
+            .step_by(chunk)
+            .map(|f| (f, chunk.min(t - f)))
+            .collect();
+        let masks = spans
+            .iter()
+            .map(|&(f, n)| (n > 1).then(|| self.causal_mask(start + f, n)).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut parts = spans
+            .iter()
+            .map(|&(f, n)| x.narrow(1, f, n))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        drop(x);
+        let rows = b * chunk.min(t);
         for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
-            x = self.layer_forward(layer, ls, &x, start, causal.as_ref(), &state.cross_mask)?;
+            let layer = layer.for_prefill(rows)?;
+            for ((part, &(f, _)), mask) in parts.iter_mut().zip(&spans).zip(&masks) {
+                *part = self.layer_forward(
+                    &layer,
+                    ls,
+                    part,
+                    start + f,
+                    mask.as_ref(),
+                    &state.cross_mask,
+                )?;
+            }
         }
         state.pos = start + t;
-        Ok(x)
+        Ok(parts.pop().expect("t > 0: at least one chunk"))
     }
 
     /// (time, start + time) additive mask in the compute dtype.
@@ -1058,23 +1125,31 @@ mod tests {
             // Not trivially equal: quantisation does change the numbers.
             assert!(e1 > 0.0, "{quant}: identical to f32");
         }
-        // A long prefill (rows above PREFILL_ROWS: Q8_0 expands its weights) gives the same
-        // last-position logits as feeding the columns one at a time (Q8_0's step path).
-        let q = Decoder::new_quantized(&cfg, vb.pp("decoder"), Some(Quant::Q8_0)).unwrap();
+        // A long prefill (rows above PREFILL_ROWS: the layer's quantised weights expanded to
+        // f32 once per layer, `Layer::for_prefill`) gives the same last-position logits as
+        // feeding the columns one at a time (the step kernels), for one pass and in chunks.
         let cols = 24; // batch 2: 48 rows
         let ids: Vec<u32> = (0..2 * 4 * cols as u32).map(|i| i * 7 % 256).collect();
         let ids = Tensor::from_vec(ids, (2, 4, cols), &dev).unwrap();
+        for quant in [Quant::Q8_0, Quant::Q4K] {
+            let q = Decoder::new_quantized(&cfg, vb.pp("decoder"), Some(quant)).unwrap();
+            let mut st = q.new_state(&cond, &mask, cols).unwrap();
+            let mut last = None;
+            for t in 0..cols {
+                last = Some(q.forward(&mut st, &ids.narrow(2, t, 1).unwrap()).unwrap());
+            }
+            let last = last.unwrap();
+            for chunk in [cols, 20, 7] {
+                let mut st = q.new_state(&cond, &mask, cols).unwrap();
+                let whole = q.forward_chunked(&mut st, &ids, chunk).unwrap();
+                // The steps quantise the activations too (8 bits), the prefill does not.
+                let e = rel_err(&whole, &last);
+                assert!(e < 0.04, "{quant} prefill (chunk {chunk}) against steps: {e}");
+            }
+        }
+        let q = Decoder::new_quantized(&cfg, vb.pp("decoder"), Some(Quant::Q8_0)).unwrap();
         let mut st = q.new_state(&cond, &mask, cols).unwrap();
         let whole = q.forward(&mut st, &ids).unwrap();
-        let mut st = q.new_state(&cond, &mask, cols).unwrap();
-        let mut last = None;
-        for t in 0..cols {
-            last = Some(q.forward(&mut st, &ids.narrow(2, t, 1).unwrap()).unwrap());
-        }
-        // Both paths quantise only the weights (steps: `matvec_q8_0`; prefill: the expanded
-        // weight), but sum in different orders.
-        let e = rel_err(&whole, &last.unwrap());
-        assert!(e < 0.04, "q8_0 prefill against steps: {e}");
         let mut st = dense.new_state(&cond, &mask, cols).unwrap();
         let want = dense.forward(&mut st, &ids).unwrap();
         let e = rel_err(&want, &whole);
