@@ -1144,7 +1144,10 @@ mod tests {
                 let whole = q.forward_chunked(&mut st, &ids, chunk).unwrap();
                 // The steps quantise the activations too (8 bits), the prefill does not.
                 let e = rel_err(&whole, &last);
-                assert!(e < 0.04, "{quant} prefill (chunk {chunk}) against steps: {e}");
+                assert!(
+                    e < 0.04,
+                    "{quant} prefill (chunk {chunk}) against steps: {e}"
+                );
             }
         }
         let q = Decoder::new_quantized(&cfg, vb.pp("decoder"), Some(Quant::Q8_0)).unwrap();
