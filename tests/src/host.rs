@@ -365,6 +365,7 @@ impl PluginLibrary {
             audio: None,
             queued: Vec::new(),
             editor: None,
+            threads_before_editor: Vec::new(),
             output_params: Vec::new(),
         })
     }
@@ -438,6 +439,9 @@ pub struct PluginInstance {
     /// Events to send at the start of the next block (from [`Self::set_param`]).
     queued: Vec<HostEvent>,
     editor: Option<EditorWindow>,
+    /// This process's thread ids just before the editor was created (see
+    /// [`wait_for_threads_started_since`]).
+    threads_before_editor: Vec<u32>,
     /// Parameter changes the plugin sent back (id, value), e.g. from its editor.
     output_params: Vec<(u32, f64)>,
 }
@@ -836,6 +840,7 @@ impl PluginInstance {
             gui.is_api_supported(&handle, config),
             "plugin does not support embedded X11 windows"
         );
+        self.threads_before_editor = thread_ids();
         gui.create(&handle, config)
             .map_err(|e| anyhow!("gui.create failed: {e}"))?;
         let size = gui
@@ -945,7 +950,56 @@ impl PluginInstance {
         if let Some(gui) = handle.get_extension::<PluginGui>() {
             gui.destroy(&handle);
         }
-        window.destroy()
+        let destroyed = window.destroy();
+        wait_for_threads_started_since(&self.threads_before_editor, Duration::from_secs(3));
+        destroyed
+    }
+}
+
+/// This process's thread ids (Linux: `/proc/self/task`; empty elsewhere).
+fn thread_ids() -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A thread's name as the kernel has it (`comm`).
+fn thread_name(tid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+/// Waits, at most `limit`, until the unnamed threads this thread started since `before` (a
+/// [`thread_ids`] snapshot) have ended; unnamed threads carry their creator's name.
+///
+/// baseview's X11 window thread outlives the editor's destruction: its handle's `Drop` asks
+/// the thread to stop, and when the thread stops answering before it has been joined it gives
+/// up joining ("X11 thread disconnected" in the log). The thread then still closes its display
+/// connection; a process that exits meanwhile crashes in the GL driver's exit handlers
+/// (caught in a core dump: the main thread in `__run_exit_handlers`, calling into the unloaded
+/// driver, while the window thread sits in `XCloseDisplay`). A host closes its editors long
+/// before it exits; a test binary exits right after its last test, so the harness waits here.
+fn wait_for_threads_started_since(before: &[u32], limit: Duration) {
+    let Some(me) = std::fs::read_to_string("/proc/thread-self/comm")
+        .ok()
+        .map(|s| s.trim_end().to_string())
+    else {
+        return;
+    };
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let mine = thread_ids()
+            .into_iter()
+            .filter(|t| !before.contains(t))
+            .any(|t| thread_name(t).as_deref() == Some(me.as_str()));
+        if !mine {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
