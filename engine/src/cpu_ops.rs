@@ -11,7 +11,26 @@
 //! vectorise too (relative error of `exp` about 2e-7; absolute error of `erf` about 3e-7:
 //! Abramowitz & Stegun 7.1.26's 1.5e-7 plus f32 rounding).
 
+use candle_core::Tensor;
 use candle_nn::Activation;
+
+/// Runs `f` on the elements of a contiguous CPU tensor of element type `T`, without copying
+/// (the tensor's storage read lock is held meanwhile). `what` names the tensor in the error
+/// when it is elsewhere, not contiguous or of another type.
+pub(crate) fn with_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{what}: not on the CPU");
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what}: not contiguous");
+    };
+    Ok(f(&cpu.as_slice::<T>()?[a..b]))
+}
 
 /// 1.5 · 2²³: adding and subtracting it rounds an f32 of magnitude below 2²² to the nearest
 /// integer (ties to even) with plain arithmetic.

@@ -895,7 +895,6 @@ impl Decoder {
             .iter()
             .map(|&(f, n)| x.narrow(1, f, n))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        drop(x);
         let rows = b * chunk.min(t);
         for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
             let layer = layer.for_prefill(rows)?;

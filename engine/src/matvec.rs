@@ -16,6 +16,28 @@ use rayon::prelude::*;
 /// Largest number of activation rows the kernel takes; more rows go to the general matmul.
 pub const MAX_ROWS: usize = 8;
 
+/// Runs `$body` with the constant `$r` equal to the number of activation rows `$rows` (1 to
+/// [`MAX_ROWS`]; more are taken as [`MAX_ROWS`]): the kernels are generic over the row count so
+/// that their per-row accumulators live in registers.
+macro_rules! with_rows {
+    ($rows:expr, |$r:ident| $body:expr) => {
+        match $rows {
+            1 => with_rows!(@ $r = 1, $body),
+            2 => with_rows!(@ $r = 2, $body),
+            3 => with_rows!(@ $r = 3, $body),
+            4 => with_rows!(@ $r = 4, $body),
+            5 => with_rows!(@ $r = 5, $body),
+            6 => with_rows!(@ $r = 6, $body),
+            7 => with_rows!(@ $r = 7, $body),
+            _ => with_rows!(@ $r = 8, $body),
+        }
+    };
+    (@ $r:ident = $n:literal, $body:expr) => {{
+        const $r: usize = $n;
+        $body
+    }};
+}
+
 /// Output rows per parallel task.
 const BLOCK: usize = 64;
 
@@ -95,36 +117,21 @@ unsafe fn dot_rows_avx2<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
 /// One block of output rows: `w` holds whole weight rows of width `inner`, `out` is
 /// (block, rows).
 fn block(w: &[f32], x: &[f32], inner: usize, rows: usize, out: &mut [f32]) {
-    macro_rules! run {
-        ($r:literal) => {{
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    for (wrow, o) in w.chunks_exact(inner).zip(out.chunks_exact_mut($r)) {
-                        // SAFETY: the features are present; the slices have the lengths the
-                        // function requires (whole rows, `rows` outputs per weight row).
-                        unsafe { dot_rows_avx2::<$r>(wrow, x, o) };
-                    }
-                    return;
-                }
+    with_rows!(rows, |R| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            for (wrow, o) in w.chunks_exact(inner).zip(out.chunks_exact_mut(R)) {
+                // SAFETY: the features are present; the slices have the lengths the function
+                // requires (whole rows, `rows` outputs per weight row).
+                unsafe { dot_rows_avx2::<R>(wrow, x, o) };
             }
-            for (wrow, o) in w.chunks_exact(inner).zip(out.chunks_exact_mut($r)) {
-                dot_rows_generic::<$r>(wrow, x, o);
-            }
-        }};
-    }
-    match rows {
-        1 => run!(1),
-        2 => run!(2),
-        3 => run!(3),
-        4 => run!(4),
-        5 => run!(5),
-        6 => run!(6),
-        7 => run!(7),
-        _ => run!(8),
-    }
+            return;
+        }
+        for (wrow, o) in w.chunks_exact(inner).zip(out.chunks_exact_mut(R)) {
+            dot_rows_generic::<R>(wrow, x, o);
+        }
+    })
 }
 
 impl candle_core::CustomOp2 for MatVec {
@@ -431,33 +438,21 @@ fn block_q8_0(
     avx2: bool,
     out: &mut [f32],
 ) {
-    macro_rules! run {
-        ($r:literal) => {{
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                for (wrow, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut($r)) {
-                    // SAFETY: the features are present; whole rows of `n / 32` blocks,
-                    // `x` holds `rows` rows of width `n`, `rows` outputs per weight row.
-                    unsafe { q8_0_row_avx2::<$r>(wrow, x, n, o) };
-                }
-                return;
+    with_rows!(rows, |R| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            for (wrow, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(R)) {
+                // SAFETY: the features are present; whole rows of `n / 32` blocks, `x` holds
+                // `rows` rows of width `n`, `rows` outputs per weight row.
+                unsafe { q8_0_row_avx2::<R>(wrow, x, n, o) };
             }
-            let _ = avx2;
-            for (wrow, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut($r)) {
-                q8_0_row_generic::<$r>(wrow, x, n, o);
-            }
-        }};
-    }
-    match rows {
-        1 => run!(1),
-        2 => run!(2),
-        3 => run!(3),
-        4 => run!(4),
-        5 => run!(5),
-        6 => run!(6),
-        7 => run!(7),
-        _ => run!(8),
-    }
+            return;
+        }
+        let _ = avx2;
+        for (wrow, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(R)) {
+            q8_0_row_generic::<R>(wrow, x, n, o);
+        }
+    })
 }
 
 /// `x` (rows, in) · `w`ᵀ for a Q8_0 weight `w` (out, in) on the CPU -> (rows, out) f32, with at
@@ -474,16 +469,9 @@ fn block_q8_0(
 /// earlier version of this kernel on a 2-core machine shared with other processes (see
 /// `BENCHMARKS.md`).
 pub fn matvec_q8_0(x: &Tensor, w: &QTensor) -> candle_core::Result<Tensor> {
-    let (rows, inner) = x.dims2()?;
-    let (out_dim, inner_w) = w.shape().dims2()?;
-    if w.dtype() != GgmlDType::Q8_0
-        || !x.device().is_cpu()
-        || x.dtype() != DType::F32
-        || inner != inner_w
-        || !inner.is_multiple_of(Q8_0_BLOCK)
-        || rows == 0
-        || rows > MAX_ROWS
-    {
+    let (rows, _) = x.dims2()?;
+    let (out_dim, _) = w.shape().dims2()?;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
         candle_core::bail!(
             "segue-matvec-q8_0: unsupported product {:?} x {:?}ᵀ ({:?})",
             x.shape(),
@@ -491,47 +479,17 @@ pub fn matvec_q8_0(x: &Tensor, w: &QTensor) -> candle_core::Result<Tensor> {
             w.dtype()
         );
     }
-    let data = w.data()?;
-    let row_bytes = inner / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
-    if data.len() != out_dim * row_bytes {
-        candle_core::bail!(
-            "segue-matvec-q8_0: {} bytes for a ({out_dim}, {inner}) Q8_0 weight",
-            data.len()
-        );
-    }
     let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("segue-matvec-q8_0: activations not on the CPU");
-    };
-    let Some((o1, o2)) = layout.contiguous_offsets() else {
-        candle_core::bail!("segue-matvec-q8_0: activations not contiguous");
-    };
-    let xs = &cpu.as_slice::<f32>()?[o1..o2];
-    let y = q8_0_product(xs, &data, rows, inner, out_dim, q8_0_avx2_available());
-    drop(storage);
+    let mut y = vec![0f32; rows * out_dim];
+    crate::cpu_ops::with_slice(&x, "segue-matvec-q8_0: activations", |xs: &[f32]| {
+        matvec_q8_0_into(xs, rows, w, &mut Q8Scratch::default(), &mut y)
+    })??;
     Tensor::from_vec(y, (rows, out_dim), x.device())
 }
 
-/// The Q8_0 product on slices: `xs` (rows, inner) f32, `data` the (out_dim, inner) Q8_0 weight
-/// bytes (checked by the caller), -> (rows, out_dim). `avx2` requires
-/// [`q8_0_avx2_available`].
-fn q8_0_product(
-    xs: &[f32],
-    data: &[u8],
-    rows: usize,
-    inner: usize,
-    out_dim: usize,
-    avx2: bool,
-) -> Vec<f32> {
-    let mut xq = QuantRows::default();
-    let mut y = vec![0f32; rows * out_dim];
-    q8_0_into(xs, rows, data, inner, &mut xq, avx2, &mut y);
-    y
-}
-
-/// [`q8_0_product`] into caller-owned buffers: `xq` holds the quantised activations (grown
-/// on first use, then reused), `y` (rows, out_dim).
+/// The Q8_0 product on slices into caller-owned buffers: `xs` (rows, inner) f32, `data` the
+/// (out_dim, inner) Q8_0 weight bytes (checked by the caller); `xq` holds the quantised
+/// activations (grown on first use, then reused), `y` (rows, out_dim).
 fn q8_0_into(
     xs: &[f32],
     rows: usize,
@@ -681,21 +639,13 @@ pub fn matvec_q4k_into(
 /// ([`q8_0_avx2_available`]) and at most [`MAX_ROWS`] rows, else candle's block dot per row.
 fn q4k_row(row: &[BlockQ4K], xq: &[BlockQ8K], nb: usize, avx2: bool, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        macro_rules! run {
-            ($($r:literal),*) => {
-                match out.len() {
-                    $($r => {
-                        // SAFETY: the features were checked; `row` holds `nb` blocks and `xq`
-                        // `$r` rows of `nb`.
-                        unsafe { q4k_row_avx2::<$r>(row, xq, nb, out) };
-                        return;
-                    })*
-                    _ => {}
-                }
-            };
-        }
-        run!(1, 2, 3, 4, 5, 6, 7, 8);
+    if avx2 && (1..=MAX_ROWS).contains(&out.len()) {
+        // SAFETY: the features were checked; `row` holds `nb` blocks and `xq` `out.len()` rows
+        // of `nb`.
+        with_rows!(out.len(), |R| unsafe {
+            q4k_row_avx2::<R>(row, xq, nb, out)
+        });
+        return;
     }
     let _ = avx2;
     for (r, v) in out.iter_mut().enumerate() {
@@ -813,6 +763,23 @@ unsafe fn q4k_row_avx2<const R: usize>(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The Q8_0 product on slices: `xs` (rows, inner) f32, `data` the (out_dim, inner) Q8_0 weight
+    /// bytes (checked by the caller), -> (rows, out_dim). `avx2` requires
+    /// [`q8_0_avx2_available`].
+    fn q8_0_product(
+        xs: &[f32],
+        data: &[u8],
+        rows: usize,
+        inner: usize,
+        out_dim: usize,
+        avx2: bool,
+    ) -> Vec<f32> {
+        let mut xq = QuantRows::default();
+        let mut y = vec![0f32; rows * out_dim];
+        q8_0_into(xs, rows, data, inner, &mut xq, avx2, &mut y);
+        y
+    }
 
     fn quantize_q8_0(x: &[f32], avx2: bool) -> QuantRows {
         let mut q = QuantRows::default();

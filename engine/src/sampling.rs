@@ -327,34 +327,27 @@ impl StepSelector {
     ) -> candle_core::Result<()> {
         let (_, k, vocab) = logits.dims3()?;
         let logits = logits.to_dtype(candle_core::DType::F32)?.contiguous()?;
-        let (storage, layout) = logits.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("token selection: host path on a non-CPU tensor");
-        };
-        let Some((o1, o2)) = layout.contiguous_offsets() else {
-            candle_core::bail!("token selection: logits are not contiguous");
-        };
-        let all = &cpu.as_slice::<f32>()?[o1..o2];
-        self.guided.resize(vocab, 0.0);
-        let scale = self.sampler.params().guidance_scale;
-        for (r, rng) in rngs.iter_mut().enumerate().take(rows) {
-            for c in 0..k {
-                let i = r * k + c;
-                out[i] = match forced[i] {
-                    Some(token) => token,
-                    None => {
-                        let at = i * vocab;
-                        self.guided.copy_from_slice(&all[at..at + vocab]);
-                        if guidance {
-                            let u = (rows * k + i) * vocab;
-                            guidance_mix(&mut self.guided, &all[u..u + vocab], scale);
+        crate::cpu_ops::with_slice(&logits, "token selection: logits", |all: &[f32]| {
+            self.guided.resize(vocab, 0.0);
+            let scale = self.sampler.params().guidance_scale;
+            for (r, rng) in rngs.iter_mut().enumerate().take(rows) {
+                for c in 0..k {
+                    let i = r * k + c;
+                    out[i] = match forced[i] {
+                        Some(token) => token,
+                        None => {
+                            let at = i * vocab;
+                            self.guided.copy_from_slice(&all[at..at + vocab]);
+                            if guidance {
+                                let u = (rows * k + i) * vocab;
+                                guidance_mix(&mut self.guided, &all[u..u + vocab], scale);
+                            }
+                            self.sampler.sample(&self.guided, rng)
                         }
-                        self.sampler.sample(&self.guided, rng)
-                    }
-                };
+                    };
+                }
             }
-        }
-        Ok(())
+        })
     }
 
     fn select_tensor(

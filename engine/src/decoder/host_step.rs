@@ -73,19 +73,12 @@ impl HostScratch {
     }
 }
 
-/// Runs `f` on the contents of a contiguous CPU tensor of element type `T`.
+/// [`cpu_ops::with_slice`] for a tensor of the host step.
 fn with_slice<T: candle_core::WithDType, R>(
     t: &Tensor,
     f: impl FnOnce(&[T]) -> R,
 ) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("host step: tensor not on the CPU");
-    };
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        candle_core::bail!("host step: tensor not contiguous");
-    };
-    Ok(f(&cpu.as_slice::<T>()?[a..b]))
+    cpu_ops::with_slice(t, "host step", f)
 }
 
 /// [`with_slice`] for f32.
